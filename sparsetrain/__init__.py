@@ -1,0 +1,26 @@
+"""sparsetrain: 2:4 and N:M sparse pre-training and pruning for PyTorch and Lightning.
+
+Example:
+    >>> import sparsetrain as st
+    >>> cfg = st.SparsityConfig(method="s-ste", n=2, m=4, targets="mlp", mvue="exact")
+    >>> names = st.sparsify(model, cfg)                      # swap layers by hand, or
+    >>> trainer = L.Trainer(callbacks=[st.SparseTraining(cfg)])
+"""
+
+from . import ops
+from .callbacks import SparseTraining
+from .config import SparsityConfig
+from .nn import SparseLinear, densify, export, sparse_layers, sparsify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparsityConfig",
+    "SparseLinear",
+    "SparseTraining",
+    "sparsify",
+    "densify",
+    "export",
+    "sparse_layers",
+    "ops",
+]

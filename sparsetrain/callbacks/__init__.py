@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from .sparse_training import SparseTraining
+
+__all__ = ["SparseTraining"]

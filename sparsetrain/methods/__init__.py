@@ -1,0 +1,98 @@
+"""Weight sparsifiers: dense W -> effective sparse W~, with each method's backward rule.
+
+==========  ===========================  ==========================================================
+method      forward W~                    backward dL/dW
+==========  ===========================  ==========================================================
+``ste``     ``P(W)`` (hard N:M)          ``dL/dW~``
+``sr-ste``  ``P(W)``                     ``dL/dW~ + srste_decay * (1 - mask) * W``
+``s-ste``   ``beta * S(W)`` (soft)       ``dL/dW~`` (straight through; not multiplied by beta)
+``dense``   ``W``                        ``dL/dW~``
+==========  ===========================  ==========================================================
+
+The math lives in `sparsetrain.ops.nm`; this module only picks it and wires the gradient. On CUDA
+the fused Triton kernel computes W~ and the mask in one pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import kernels
+from ..ops.nm import nm_mask, soft_threshold
+
+__all__ = ["effective_weight", "masked_weight"]
+
+
+def masked_weight(
+    weight: torch.Tensor,
+    method: str,
+    n: int,
+    m: int,
+    beta: Optional[torch.Tensor] = None,
+    fixed_mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(W~, mask)`` without autograd. ``fixed_mask`` (a transposable mask) overrides the N:M mask."""
+    if method == "dense":
+        return weight, None
+    if fixed_mask is not None:
+        return weight * fixed_mask, fixed_mask
+    if kernels.available(weight):
+        return kernels.project_weight(weight, n, m, method, beta)
+    if method == "s-ste":
+        s = soft_threshold(weight, n, m)
+        # The mask of S(W) is its support; flips are counted on nm_mask, which equals it without ties.
+        return s * beta.to(s.dtype), s != 0
+    mask = nm_mask(weight, n, m)
+    return weight * mask, mask
+
+
+class _EffectiveWeight(torch.autograd.Function):
+    """Forward: W~ of the method. Backward: straight-through, plus SR-STE's decay on pruned weights."""
+
+    @staticmethod
+    def forward(ctx, weight, method, n, m, beta, fixed_mask, decay):
+        w_eff, mask = masked_weight(weight, method, n, m, beta, fixed_mask)
+        ctx.decay = decay if method == "sr-ste" else 0.0
+        if ctx.decay:
+            ctx.save_for_backward(weight, mask)
+        return w_eff
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.decay:
+            weight, mask = ctx.saved_tensors
+            # SR-STE: pull the pruned weights towards zero so the mask settles.
+            grad = grad + ctx.decay * weight.masked_fill(mask, 0).to(grad.dtype)
+        return grad, None, None, None, None, None, None
+
+
+def effective_weight(
+    weight: torch.Tensor,
+    method: str,
+    n: int = 2,
+    m: int = 4,
+    beta: Optional[torch.Tensor] = None,
+    fixed_mask: Optional[torch.Tensor] = None,
+    srste_decay: float = 0.0,
+) -> torch.Tensor:
+    """The differentiable effective weight W~ of ``method`` (see the table in this module).
+
+    Args:
+        weight: ``[out, in]``; groups of ``m`` run along ``in``.
+        method: ``"dense"``, ``"ste"``, ``"sr-ste"`` or ``"s-ste"``.
+        beta: S-STE's frozen scale (0-dim tensor); required for ``"s-ste"``.
+        fixed_mask: a precomputed (e.g. transposable) mask for STE / SR-STE.
+        srste_decay: lambda_W of SR-STE.
+
+    Example:
+        >>> w = torch.tensor([[1.0, -2.0, 3.0, 0.5]], requires_grad=True)
+        >>> effective_weight(w, "ste")
+        tensor([[ 0., -2.,  3.,  0.]], grad_fn=<_EffectiveWeightBackward>)
+    """
+    if method == "dense":
+        return weight
+    if method == "s-ste" and beta is None:
+        raise ValueError("method='s-ste' needs its scale `beta`")
+    return _EffectiveWeight.apply(weight, method, n, m, beta, fixed_mask, float(srste_decay))

@@ -1,0 +1,259 @@
+"""`SparseLinear`: a drop-in `nn.Linear` whose forward uses the N:M effective weight W~."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import backends
+from ..config import SparsityConfig
+from ..methods import effective_weight, masked_weight
+from ..ops.nm import check_finite, sste_scale
+
+__all__ = ["SparseLinear", "is_conv1d"]
+
+log = logging.getLogger(__name__)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for `transformers`' ``Conv1D`` (GPT-2's linear layer that stores W^T as ``[in, out]``)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers missing or broken: no Conv1D can exist
+        return False
+    return isinstance(module, Conv1D)
+
+
+class SparseLinear(nn.Linear):
+    """An `nn.Linear` trained N:M sparse: ``y = x @ W~^T + b`` with ``W~`` from ``config.method``.
+
+    The dense parameter ``weight`` is what the optimizer updates; ``W~`` (see
+    `sparsetrain.methods`) is recomputed from it in every forward. The state dict keeps ``weight``
+    and ``bias`` under `nn.Linear`'s names, plus two buffers: ``beta`` (S-STE's frozen scale; NaN
+    until computed) and ``mask`` (the mask at the last optimizer step; with transposable masks,
+    the mask in use).
+
+    Args:
+        in_features: must be a multiple of ``config.m`` (groups run along the input dim).
+        out_features, bias, device, dtype: as for `nn.Linear`.
+        config: a `SparsityConfig`; defaults to S-STE 2:4.
+
+    Example:
+        >>> layer = SparseLinear(8, 4, config=SparsityConfig(method="ste"))
+        >>> bool(((layer.effective_weight() != 0).view(4, 2, 4).sum(-1) <= 2).all())
+        True
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        config: Optional[SparsityConfig] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        config = SparsityConfig() if config is None else config
+        if not isinstance(config, SparsityConfig):
+            raise TypeError(f"`config` must be a SparsityConfig, got {type(config).__name__}")
+        if in_features % config.m != 0:
+            raise ValueError(
+                f"`in_features`={in_features} is not a multiple of m={config.m}: N:M groups run along the "
+                f"input dimension. Leave this layer dense, or pad its input."
+            )
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.config = config
+        self.register_buffer("beta", torch.full((), math.nan, device=device, dtype=torch.float32))
+        self.register_buffer("mask", torch.ones(out_features, in_features, device=device, dtype=torch.bool))
+        # Plain attributes: they steer Python control flow (torch.compile guards on them).
+        self.sparse_active = config.sparse
+        self.source = "linear"  # or "conv1d": what `to_dense`/`export` give back
+        self.seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31 - 1, (), device="cpu"))
+        self._beta_ready = False  # a Python flag, so the forward never syncs on the beta buffer
+        self._generators: Dict[str, torch.Generator] = {}
+        self.backend_name = "dense"
+        self._backend_cache: dict = {}
+        self.reset_sparsity_state()
+
+    # ----------------------------------------------------------------------------------- build
+    @classmethod
+    def from_dense(cls, module: nn.Module, config: Optional[SparsityConfig] = None, name: str = "module") -> "SparseLinear":
+        """Wrap an `nn.Linear` (reusing its Parameters) or a `transformers` ``Conv1D`` (transposed).
+
+        Raises:
+            ValueError: the input dim is not a multiple of ``m``, or the weights hold NaN/inf.
+        """
+        config = SparsityConfig() if config is None else config
+        if is_conv1d(module):
+            in_f, out_f = module.weight.shape  # Conv1D stores W^T: (in, out)
+            weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=module.weight.requires_grad)
+            source = "conv1d"
+        elif isinstance(module, nn.Linear):
+            out_f, in_f = module.weight.shape
+            weight = module.weight
+            source = "linear"
+        else:
+            raise TypeError(f"`module` ({name}) must be an nn.Linear or transformers Conv1D, got {type(module).__name__}")
+        check_finite(weight.detach(), name=f"{name}.weight")
+        with torch.device("meta"):
+            layer = cls(in_f, out_f, bias=module.bias is not None, config=config)
+        layer.weight = weight
+        layer.bias = module.bias
+        layer.beta = torch.full((), math.nan, device=weight.device, dtype=torch.float32)
+        layer.mask = torch.ones(out_f, in_f, device=weight.device, dtype=torch.bool)
+        layer.source = source
+        layer.reset_sparsity_state()
+        return layer
+
+    def reset_sparsity_state(self) -> None:
+        """Compute beta (S-STE) and the current mask from the weights as they are now."""
+        if self.weight.is_meta:
+            return
+        with torch.no_grad():
+            if self.config.method == "s-ste":
+                self.beta.copy_(sste_scale(self.weight, self.config.n, self.config.m))
+                self._beta_ready = True
+            if self.config.transposable:
+                self.refresh_transposable_mask()
+            elif self.config.sparse:
+                self.mask.copy_(self._current_mask())
+
+    # ----------------------------------------------------------------------------------- forward
+    def _current_mask(self) -> torch.Tensor:
+        _, mask = masked_weight(self.weight.detach(), self.config.method, self.config.n, self.config.m, self._beta())
+        return mask
+
+    def _beta(self) -> Optional[torch.Tensor]:
+        if self.config.method != "s-ste":
+            return None
+        if not self._beta_ready:
+            # Built on the meta device and filled later: the scale is taken now, once.
+            with torch.no_grad():
+                self.beta.copy_(sste_scale(self.weight, self.config.n, self.config.m))
+            self._beta_ready = True
+        return self.beta
+
+    def _method(self) -> str:
+        return self.config.method if self.sparse_active else "dense"
+
+    def _weight_autograd(self) -> torch.Tensor:
+        cfg = self.config
+        method = self._method()
+        if method == "dense":
+            return self.weight
+        return effective_weight(
+            self.weight,
+            method,
+            cfg.n,
+            cfg.m,
+            beta=self._beta(),
+            fixed_mask=self.mask if cfg.transposable else None,
+            srste_decay=cfg.srste_decay,
+        )
+
+    def effective_weight(self) -> torch.Tensor:
+        """The W~ the forward uses, detached (exactly N:M unless training has switched to dense)."""
+        with torch.no_grad():
+            return self._weight_autograd().detach()
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This layer's MVUE generator on ``device`` (seeded from ``seed``; created on first use)."""
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[key] = gen
+        return gen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._weight_autograd()
+        bias = self.bias
+        sparse = self._method() != "dense"
+        mvue = self.config.mvue if sparse else None
+        fp8 = self.config.fp8 and sparse
+        if mvue is None and not fp8 and self.backend_name == "dense":
+            return F.linear(x, w, bias)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            # Custom autograd functions see no autocast in backward: cast the operands here once.
+            dt = torch.get_autocast_dtype(dev)
+            x, w = x.to(dt), w.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+        with torch.autocast(dev, enabled=False):
+            return backends.get_backend(self.backend_name).linear(
+                x,
+                w,
+                bias,
+                mvue=mvue,
+                generator=self.generator(x.device) if mvue else None,
+                fp8=fp8,
+                cache=self._backend_cache,
+            )
+
+    # ----------------------------------------------------------------------------------- masks
+    @torch.no_grad()
+    def update_mask(self) -> int:
+        """Store the current mask in the ``mask`` buffer; return how many entries flipped."""
+        if not self.config.sparse or self.config.transposable:
+            return 0
+        new = self._current_mask()
+        flips = int((new != self.mask).sum())
+        self.mask.copy_(new)
+        return flips
+
+    @torch.no_grad()
+    def refresh_transposable_mask(self) -> int:
+        """Recompute the transposable mask from |W| (T-STE / T-SR-STE); return the flips."""
+        from ..ops.transposable import transposable_mask
+
+        cfg = self.config
+        rows, cols = self.weight.shape
+        if rows % cfg.m or cols % cfg.m:
+            raise ValueError(
+                f"`transposable=True` needs both weight dims to be multiples of m={cfg.m}, got {tuple(self.weight.shape)}"
+            )
+        new = transposable_mask(self.weight.detach().abs().float(), cfg.n, cfg.m, method=cfg.transposable_method)
+        new = new.to(self.mask.device)
+        flips = int((new != self.mask).sum())
+        self.mask.copy_(new)
+        return flips
+
+    # ----------------------------------------------------------------------------------- convert
+    def to_dense(self, effective: bool = False) -> nn.Module:
+        """A plain `nn.Linear` (or ``Conv1D`` if this layer came from one) with the dense weight W,
+        or with W~ when ``effective=True`` (what `sparsetrain.export` uses)."""
+        w = self.effective_weight() if effective else self.weight.detach()
+        w = w.clone()
+        if self.source == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+
+            out = Conv1D(self.out_features, self.in_features)
+            out.to(device=w.device, dtype=w.dtype)
+            out.weight.data = w.t().contiguous()
+        else:
+            out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+            out.weight.data = w
+        if self.bias is not None:
+            out.bias.data = self.bias.detach().clone()
+        out.weight.requires_grad_(self.weight.requires_grad)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.config.method == "s-ste" and prefix + "beta" in state_dict:
+            self._beta_ready = bool(torch.isfinite(self.beta))
+        self._backend_cache.clear()  # a cached compressed weight belongs to the old weights
+
+    def extra_repr(self) -> str:
+        c = self.config
+        extra = f", mvue={c.mvue}" if c.mvue else ""
+        extra += ", transposable" if c.transposable else ""
+        extra += ", fp8" if c.fp8 else ""
+        phase = "" if self.sparse_active or not c.sparse else ", dense phase"
+        return f"{super().extra_repr()}, method={c.method}, {c.n}:{c.m}{extra}, backend={self.backend_name}{phase}"

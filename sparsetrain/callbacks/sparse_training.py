@@ -80,7 +80,8 @@ class SparseTraining(Callback):
         self._set_dense_phase(pl_module, self._dense_from_step(trainer) is not None
                               and trainer.global_step >= self._dense_from_step(trainer))
         for opt in trainer.optimizers:
-            self._hooks.append(opt.register_step_pre_hook(lambda *_: self._before_step(pl_module)))
+            if self.config.masked_decay:
+                self._hooks.append(_DecayAfterClipping(opt, lambda: self._before_step(pl_module)))
             self._hooks.append(opt.register_step_post_hook(lambda *_: self._after_step(trainer, pl_module)))
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -131,14 +132,12 @@ class SparseTraining(Callback):
             self._set_dense_phase(pl_module, True)
             rank_zero_info(f"SparseTraining: dense fine-tuning from step {step}")
         layers = [layer for _, layer in sparse_layers(pl_module)]
-        if not layers:
+        if not layers or self.dense_phase:
             return
         flips = total = zeros = 0
         betas = []
         refresh = self.config.transposable and step % self.config.mask_update_interval == 0
         for layer in layers:
-            if self.dense_phase:
-                break
             if refresh:
                 flips += layer.refresh_transposable_mask()
             else:
@@ -189,3 +188,34 @@ class SparseTraining(Callback):
         self._restored = True
         self.dense_phase = bool(state_dict.get("dense_phase", False))
         self._pending_generators = dict(state_dict.get("generators", {}))
+
+
+class _DecayAfterClipping:
+    """Runs ``fn`` between gradient clipping and the parameter update of ``optimizer.step``.
+
+    Lightning calls ``optimizer.step(closure)`` and the closure does backward *and* clipping, so
+    an optimizer step pre-hook would run before the gradients exist. Wrapping the closure puts
+    ``fn`` right after it; with no closure (AMP's scaler, manual optimization) the gradients are
+    final already and ``fn`` runs first. ``remove()`` restores the optimizer's own ``step``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, fn) -> None:
+        self.optimizer = optimizer
+        original = optimizer.step
+
+        def step(closure=None, **kwargs):
+            if closure is None:
+                fn()
+                return original(**kwargs)
+
+            def closure_then_decay():
+                loss = closure()
+                fn()
+                return loss
+
+            return original(closure_then_decay, **kwargs)
+
+        optimizer.step = step
+
+    def remove(self) -> None:
+        self.optimizer.__dict__.pop("step", None)

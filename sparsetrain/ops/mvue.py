@@ -42,10 +42,12 @@ def mvue24_probabilities(a: torch.Tensor, method: str = "exact") -> torch.Tensor
         return torch.where(clip, p_clip, p_free).clamp_(max=1.0)
     if method == "approx":
         a = a + _APPROX_EPS
+        # S - a_j summed from the other three: subtracting would cancel to 0 when a_j dwarfs them.
+        others = a.roll(1, -1) + a.roll(2, -1) + a.roll(3, -1)
         s = a.sum(-1, keepdim=True)
         t = a / s
         # P(i drawn second) = sum_{j != i} P(j first) * a_i / (S - a_j)
-        u = t / (s - a)  # (..., 4): t_j / (S - a_j)
+        u = t / others  # (..., 4): t_j / (S - a_j)
         second = a * (u.sum(-1, keepdim=True) - u)
         return (t + second).clamp_(max=1.0)
     raise ValueError(f"Unknown MVUE `method`={method!r}; valid choices: {', '.join(map(repr, MVUE_CHOICES))}")

@@ -41,9 +41,9 @@ def masked_weight(
     if kernels.available(weight):
         return kernels.project_weight(weight, n, m, method, beta)
     if method == "s-ste":
-        s = soft_threshold(weight, n, m)
-        # The mask of S(W) is its support; flips are counted on nm_mask, which equals it without ties.
-        return s * beta.to(s.dtype), s != 0
+        # In float32 whatever the weight dtype, then rounded once: the Triton kernel does the same.
+        s = soft_threshold(weight.float(), n, m)
+        return (s * beta).to(weight.dtype), s != 0  # the mask is the support of S(W)
     mask = nm_mask(weight, n, m)
     return weight * mask, mask
 

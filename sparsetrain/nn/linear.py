@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import backends
+from .. import backends, kernels
 from ..config import SparsityConfig
 from ..methods import effective_weight, masked_weight
 from ..ops.nm import check_finite, sste_scale
@@ -77,7 +77,9 @@ class SparseLinear(nn.Linear):
         self._beta_ready = False  # a Python flag, so the forward never syncs on the beta buffer
         self._generators: Dict[str, torch.Generator] = {}
         self.backend_name = "dense"
+        self._backend_key = None  # (device, dtype) the backend was chosen for
         self._backend_cache: dict = {}
+        self._mask_version = 0  # bumps when a transposable mask is refreshed (keys the cache)
         self.reset_sparsity_state()
 
     # ----------------------------------------------------------------------------------- build
@@ -171,13 +173,32 @@ class SparseLinear(nn.Linear):
             self._generators[key] = gen
         return gen
 
+    def _choose_backend(self, x: torch.Tensor, sparse: bool) -> str:
+        """The backend for this input's device and compute dtype (decided once per pair)."""
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        key = (x.device, dtype, sparse)
+        if key != self._backend_key:
+            cfg = self.config
+            if not sparse or cfg.backend == "dense":
+                name = "dense"
+            elif (cfg.n, cfg.m) != (2, 4):
+                if cfg.backend == "cusparselt":
+                    raise ValueError(f"`backend`='cusparselt' runs 2:4 only, got {cfg.n}:{cfg.m}. Use 'auto' or 'dense'.")
+                name = "dense"
+            else:
+                name, _ = backends.select_backend(cfg.backend, self.weight, dtype)
+            self.backend_name, self._backend_key = name, key
+        return self.backend_name
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._weight_autograd()
         bias = self.bias
         sparse = self._method() != "dense"
         mvue = self.config.mvue if sparse else None
         fp8 = self.config.fp8 and sparse
-        if mvue is None and not fp8 and self.backend_name == "dense":
+        backend = self._choose_backend(x, sparse)
+        if mvue is None and not fp8 and backend == "dense":
             return F.linear(x, w, bias)
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
@@ -185,16 +206,13 @@ class SparseLinear(nn.Linear):
             dt = torch.get_autocast_dtype(dev)
             x, w = x.to(dt), w.to(dt)
             bias = bias.to(dt) if bias is not None else None
+        kwargs = dict(mvue=mvue, generator=self.generator(x.device) if mvue else None, fp8=fp8, cache=self._backend_cache)
+        if backend == "cusparselt":
+            # W~ is compressed once per optimizer step: the cache is keyed by the weight's version.
+            self._backend_cache["key"] = (self.weight._version, self._mask_version)
+            kwargs["transposable"] = self.config.transposable
         with torch.autocast(dev, enabled=False):
-            return backends.get_backend(self.backend_name).linear(
-                x,
-                w,
-                bias,
-                mvue=mvue,
-                generator=self.generator(x.device) if mvue else None,
-                fp8=fp8,
-                cache=self._backend_cache,
-            )
+            return backends.get_backend(backend).linear(x, w, bias, **kwargs)
 
     # ----------------------------------------------------------------------------------- masks
     @torch.no_grad()
@@ -218,8 +236,13 @@ class SparseLinear(nn.Linear):
             raise ValueError(
                 f"`transposable=True` needs both weight dims to be multiples of m={cfg.m}, got {tuple(self.weight.shape)}"
             )
-        new = transposable_mask(self.weight.detach().abs().float(), cfg.n, cfg.m, method=cfg.transposable_method)
+        score = self.weight.detach().abs()
+        if (cfg.n, cfg.m) == (2, 4) and cfg.transposable_method in ("auto", "exact24") and kernels.available(score):
+            new = kernels.transposable24(score)
+        else:
+            new = transposable_mask(score.float(), cfg.n, cfg.m, method=cfg.transposable_method)
         new = new.to(self.mask.device)
+        self._mask_version += 1
         flips = int((new != self.mask).sum())
         self.mask.copy_(new)
         return flips

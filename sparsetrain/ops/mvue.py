@@ -7,6 +7,7 @@ group has fewer non-zeros), rescaled so that ``E[mvue24(g)] = g``. The weight gr
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -31,15 +32,11 @@ def mvue24_probabilities(a: torch.Tensor, method: str = "exact") -> torch.Tensor
     """
     if method == "exact":
         s = a.sum(-1, keepdim=True)
-        amax, imax = a.max(-1, keepdim=True)
+        amax = a.amax(-1, keepdim=True)
         rest = s - amax
-        # If the largest is at least the sum of the other three it is kept surely and the other
-        # three share the second slot in proportion to |g|.
-        clip = amax > rest
-        is_max = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, imax, True)
-        p_clip = torch.where(is_max, torch.ones_like(a), _safe_div(a, rest))
-        p_free = _safe_div(2 * a, s)
-        return torch.where(clip, p_clip, p_free).clamp_(max=1.0)
+        # The largest is kept surely when it outweighs the other three (then c = 1/rest).
+        inv_c = torch.where(amax > rest, rest, s * 0.5)
+        return (a / inv_c.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(max=1.0)
     if method == "approx":
         a = a + _APPROX_EPS
         # S - a_j summed from the other three: subtracting would cancel to 0 when a_j dwarfs them.
@@ -53,9 +50,69 @@ def mvue24_probabilities(a: torch.Tensor, method: str = "exact") -> torch.Tensor
     raise ValueError(f"Unknown MVUE `method`={method!r}; valid choices: {', '.join(map(repr, MVUE_CHOICES))}")
 
 
-def _interval_hits(cum: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Number of the points ``u, u+1`` lying below each cumulative sum."""
-    return (cum > u).to(torch.int8) + (cum > u + 1).to(torch.int8)
+def _exact(a, g, u):
+    """Exact MVUE on four slices: ``p_i = min(1, c*a_i)`` with ``sum p = 2``, systematic sampling.
+
+    Returns the four output slices. A kept entry's value ``g_i / p_i`` is ``sign(g_i) * max(a_i, 1/c)``:
+    either ``p_i = 1`` (the value is ``g_i``) or ``p_i = c*a_i`` (the value is ``sign(g_i)/c``).
+    """
+    a0, a1, a2, a3 = a
+    s = a0 + a1 + a2 + a3
+    amax = torch.maximum(torch.maximum(a0, a1), torch.maximum(a2, a3))
+    rest = s - amax
+    # If the largest is at least the sum of the other three it is kept surely (c*amax >= 1) and
+    # the other three share the second slot in proportion to |g|: c = 1/rest. Otherwise c = 2/S.
+    inv_c = torch.where(amax > rest, rest, s * 0.5)
+    c = 1.0 / inv_c.clamp_min(torch.finfo(torch.float32).tiny)  # all-zero groups: p = 0 * huge = 0
+    # Entry k is kept when [C_{k-1}, C_k) holds u or u+1: h(C) = ceil(C - u) clamped at 0 counts
+    # those points below C. Each p_k <= 1, so no interval holds both, and sum(p) entries are kept.
+    out, cum, h_prev = [], None, None
+    for ak, gk in zip(a, g):
+        pk = (ak * c).clamp_(max=1.0)
+        cum = pk if cum is None else cum + pk
+        h = torch.ceil(cum - u).clamp_(min=0.0)
+        keep = h > h_prev if h_prev is not None else h > 0
+        h_prev = h
+        out.append(torch.maximum(ak, inv_c).copysign_(gk).mul_(keep))
+    return out
+
+
+def _approx(a, g, u0, u1):
+    """2by4's estimator on four slices: two sequential draws (first by a_i/S, second among the
+    rest by a), each kept entry divided by its inclusion probability."""
+    aa = [ak + _APPROX_EPS for ak in a]
+    # S - a_j summed from the other three: subtracting would cancel to 0 when a_j dwarfs them.
+    others = [(aa[k - 1] + aa[k - 2]) + aa[k - 3] for k in range(4)]
+    s = aa[0] + aa[1] + aa[2] + aa[3]
+    t = [ak / s for ak in aa]
+    u = [tk / ok for tk, ok in zip(t, others)]  # t_j / (S - a_j)
+    usum = u[0] + u[1] + u[2] + u[3]
+    # P(i drawn second) = sum_{j != i} P(j first) * a_i / (S - a_j)
+    p = [(tk + ak * (usum - uk)).clamp_(max=1.0) for tk, ak, uk in zip(t, aa, u)]
+
+    def draw(weights, r):
+        total = weights[0] + weights[1] + weights[2] + weights[3]
+        thr = r * total
+        cum, idx = None, None
+        for w in weights[:3]:
+            cum = w if cum is None else cum + w
+            step = (cum <= thr).to(torch.int8)
+            idx = step if idx is None else idx + step
+        return idx  # in 0..3: clamped at the last entry by construction
+
+    first = draw(aa, u0)
+    rest = [torch.where(first == k, torch.zeros_like(ak), ak) for k, ak in enumerate(aa)]
+    second = draw(rest, u1)
+    # Rounding can push the draw onto an entry of zero weight; fall back to the last positive one.
+    last_pos = torch.full_like(second, -1)
+    chosen_w = torch.zeros_like(rest[0])
+    for k, rk in enumerate(rest):
+        last_pos = torch.where(rk > 0, torch.full_like(last_pos, k), last_pos)
+        chosen_w = torch.where(second == k, rk, chosen_w)
+    second = torch.where(chosen_w > 0, second, last_pos)
+    return [
+        torch.where((first == k) | (second == k), _safe_div(gk, pk), 0.0) for k, (gk, pk) in enumerate(zip(g, p))
+    ]
 
 
 def mvue24(
@@ -89,33 +146,18 @@ def mvue24(
     dim = dim % g.dim()
     if g.shape[dim] % 4 != 0:
         raise ValueError(f"`g.shape[{dim}]`={g.shape[dim]} is not a multiple of 4 (shape {tuple(g.shape)})")
-    x = g.movedim(dim, -1)
-    moved_shape = x.shape
-    grp = x.reshape(*moved_shape[:-1], moved_shape[-1] // 4, 4).float()  # (..., G, 4)
-    a = grp.abs()
-
-    if method == "exact":
-        p = mvue24_probabilities(a, "exact")
-        u = torch.rand(grp.shape[:-1] + (1,), generator=generator, device=g.device, dtype=torch.float32)
-        cum = p.cumsum(-1)
-        prev = cum - p
-        # Systematic sampling: entry i is kept when [C_{i-1}, C_i) holds u or u+1. Each p_i <= 1,
-        # so no interval holds both, and exactly sum(p) = 2 entries are kept.
-        keep = (_interval_hits(cum, u) - _interval_hits(prev, u)) > 0
-    else:
-        aa = a + _APPROX_EPS
-        p = mvue24_probabilities(a, "approx")
-        u = torch.rand(grp.shape[:-1] + (2,), generator=generator, device=g.device, dtype=torch.float32)
-        idx = torch.arange(4, device=g.device)
-        c1 = aa.cumsum(-1)
-        first = (c1 <= u[..., :1] * c1[..., -1:]).sum(-1, keepdim=True).clamp_(max=3)
-        rest = aa.scatter(-1, first, 0.0)
-        c2 = rest.cumsum(-1)
-        second = (c2 <= u[..., 1:] * c2[..., -1:]).sum(-1, keepdim=True).clamp_(max=3)
-        # Rounding can push the draw past the last positive weight; fall back to that entry.
-        last_pos = torch.where(rest > 0, idx, -1).amax(-1, keepdim=True)
-        second = torch.where(rest.gather(-1, second) > 0, second, last_pos)
-        keep = (idx == first) | (idx == second)
-
-    out = torch.where(keep, _safe_div(grp, p), torch.zeros_like(grp))
-    return out.reshape(moved_shape).movedim(-1, dim).to(g.dtype)
+    pre = math.prod(g.shape[:dim])
+    post = math.prod(g.shape[dim + 1 :])
+    groups = g.shape[dim] // 4
+    # The four members of every group as four contiguous slices: elementwise work on them is
+    # vectorised, where the same ops on stride-4 views run ~10x slower on CPU.
+    x = g.reshape(pre, groups, 4, post).movedim(2, 0).float().contiguous()  # (4, pre, G, post)
+    k = 1 if method == "exact" else 2
+    u = torch.rand((k, pre, groups, post), generator=generator, device=g.device, dtype=torch.float32)
+    gs = x.unbind(0)
+    a = [gk.abs() for gk in gs]
+    out = _exact(a, gs, u[0]) if method == "exact" else _approx(a, gs, u[0], u[1])
+    result = torch.empty((pre, groups, 4, post), dtype=g.dtype, device=g.device)
+    for k_, ok in enumerate(out):  # each slice lands as runs of `post` contiguous entries
+        result[:, :, k_, :] = ok
+    return result.reshape(g.shape)

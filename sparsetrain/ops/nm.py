@@ -32,18 +32,25 @@ def check_finite(w: torch.Tensor, name: str = "w") -> None:
         raise ValueError(f"`{name}` holds {bad} non-finite value(s) (NaN or inf)")
 
 
-def _keep_rank(a: torch.Tensor) -> torch.Tensor:
-    """Rank of each element of the last dim in descending order, ties to the lowest index.
+def _keep_small_m(a: torch.Tensor, n: int) -> torch.Tensor:
+    """Top-n mask over the last dim (size m <= 8) by pairwise comparison of the m slices.
 
-    ``rank_i = #{j : a_j > a_i} + #{j < i : a_j == a_i}``: a pairwise count, cheaper than a sort
-    for the small m of N:M sparsity and exactly the deterministic tie rule we promise.
+    ``rank_i = #{j < i : a_j >= a_i} + #{j > i : a_j > a_i}`` is the position of entry i in the
+    descending order with ties to the lowest index; keep ``rank_i < n``. Comparing whole slices
+    (m(m-1) elementwise ops on 1/m-sized contiguous tensors) is ~10x faster on CPU than a sort of
+    size-m rows, and ~10x faster than the same compares on stride-m views.
     """
-    m = a.shape[-1]
-    ai = a.unsqueeze(-1)  # (..., m, 1): element i
-    aj = a.unsqueeze(-2)  # (..., 1, m): element j
-    lower = torch.ones(m, m, dtype=torch.bool, device=a.device).tril(-1)  # [i, j] = j < i
-    beats = (aj > ai) | ((aj == ai) & lower)
-    return beats.sum(-1)
+    cols = a.movedim(-1, 0).contiguous().unbind(0)  # m contiguous slices: vectorised compares
+    ranks = []
+    for i, ai in enumerate(cols):
+        r = torch.zeros_like(ai, dtype=torch.uint8)
+        for j, aj in enumerate(cols):
+            if j < i:
+                r += aj >= ai
+            elif j > i:
+                r += aj > ai
+        ranks.append(r < n)
+    return torch.stack(ranks, 0).movedim(0, -1)
 
 
 def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
@@ -58,8 +65,8 @@ def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     check_nm(n, m)
     g = group_view(w, m)
     a = g.abs()
-    if m <= 16:
-        keep = _keep_rank(a) < n
+    if m <= 8:
+        keep = _keep_small_m(a, n)
     else:
         # Stable descending sort keeps equal values in index order: the lowest index comes first.
         order = torch.sort(a, dim=-1, descending=True, stable=True).indices
@@ -74,7 +81,19 @@ def project_nm(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
 
 def _threshold(g_abs: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """The (m-n)-th smallest |w| of each group, shape ``[..., G, 1]``."""
-    return torch.sort(g_abs, dim=-1).values[..., m - n - 1 : m - n]
+    if m == 4:
+        # Sorting networks on the four slices beat a sort of size-4 rows by ~10x on CPU.
+        a0, a1, a2, a3 = g_abs.movedim(-1, 0).contiguous().unbind(0)
+        lo01, hi01 = torch.minimum(a0, a1), torch.maximum(a0, a1)
+        lo23, hi23 = torch.minimum(a2, a3), torch.maximum(a2, a3)
+        if n == 3:  # smallest
+            t = torch.minimum(lo01, lo23)
+        elif n == 2:  # 2nd smallest
+            t = torch.minimum(torch.maximum(lo01, lo23), torch.minimum(hi01, hi23))
+        else:  # n == 1: 3rd smallest = 2nd largest
+            t = torch.maximum(torch.minimum(hi01, hi23), torch.maximum(lo01, lo23))
+        return t.unsqueeze(-1)
+    return torch.kthvalue(g_abs, m - n, dim=-1, keepdim=True).values
 
 
 def soft_threshold(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:

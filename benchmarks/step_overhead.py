@@ -1,0 +1,93 @@
+"""Training-step overhead of each sparse method on CPU (dense backend) against plain nn.Linear.
+
+One step = forward, backward and AdamW on a stack of GPT-2-small-sized blocks (d=768, 4d FFN,
+T=1024 tokens), FFN layers sparsified as in the papers. Methods and the dense baseline are
+timed interleaved in one run, so a ratio compares like with like on a busy machine.
+
+    python benchmarks/step_overhead.py            # writes benchmarks/results/step_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+from transformers import GPT2Config, GPT2Model
+
+import sparsetrain as st
+
+VARIANTS = {
+    "ste": dict(method="ste"),
+    "sr-ste": dict(method="sr-ste"),
+    "s-ste": dict(method="s-ste"),
+    "s-ste+mvue": dict(method="s-ste", mvue="exact"),
+    "s-ste+mvue-approx": dict(method="s-ste", mvue="approx"),
+}
+
+
+def build(variant, d, layers, seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=d, n_layer=layers, n_head=12, n_positions=1024, vocab_size=256,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2Model(cfg)
+    if variant != "dense":
+        st.sparsify(model, st.SparsityConfig(targets="mlp", seed=seed, **VARIANTS[variant]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, opt
+
+
+def step(model, opt, x):
+    out = model(inputs_embeds=x).last_hidden_state
+    out.square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_overhead.json"))
+    args = ap.parse_args()
+
+    x = torch.randn(1, args.tokens, args.d)
+    names = ["dense"] + args.variants
+    runs = {v: build(v, args.d, args.layers) for v in names}
+    for v in names:  # warm-up: allocator, AdamW state, thread pools
+        step(*runs[v], x)
+    times = {v: [] for v in names}
+    for _ in range(args.repeats):
+        for v in names:  # interleaved, so drifts in machine load hit all variants alike
+            t0 = time.perf_counter()
+            step(*runs[v], x)
+            times[v].append(time.perf_counter() - t0)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    result = {
+        "benchmark": "step_overhead",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "setup": {"d": args.d, "ffn": 4 * args.d, "layers": args.layers, "tokens": args.tokens,
+                  "repeats": args.repeats, "targets": "mlp", "backend": "dense"},
+        "median_step_s": med,
+        "ratio_to_dense": {v: med[v] / med["dense"] for v in args.variants},
+        "target": {"s-ste+mvue": 1.15},
+    }
+    print(f"{'variant':<20}{'median step (s)':>16}{'x dense':>10}")
+    for v in names:
+        print(f"{v:<20}{med[v]:>16.4f}{med[v] / med['dense']:>10.3f}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

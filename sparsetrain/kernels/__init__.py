@@ -1,0 +1,69 @@
+"""Triton kernels: faster twins of functions in `sparsetrain.ops`, tested against them.
+
+The layer asks `available(t)` and, when true, calls these instead of the torch reference:
+
+- `project_weight`: the effective weight and its N:M mask in one pass (twin of ``ops.nm_mask`` /
+  ``ops.project_nm`` / ``beta * ops.soft_threshold``);
+- `mvue24`: unbiased 2:4 sparsification of a gradient (twin of ``ops.mvue24``);
+- `transposable24`: the exact transposable 2:4 mask (twin of
+  ``ops.transposable_mask(score, 2, 4, method="exact24")``).
+
+`available` is true only on CUDA: on CPU the torch reference is faster than Triton's interpreter.
+The kernels themselves also run on CPU tensors through the interpreter, which is how the tests
+check them without a GPU. Modules with kernels are imported lazily, so importing this package
+never imports triton.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._launch import triton_importable
+
+__all__ = ["available", "project_weight", "mvue24", "transposable24"]
+
+_TRITON_OK: Optional[bool] = None
+
+
+def available(t: torch.Tensor) -> bool:
+    """True when Triton kernels should run on ``t``: a CUDA tensor with triton importable."""
+    global _TRITON_OK
+    if not (isinstance(t, torch.Tensor) and t.is_cuda):
+        return False
+    if _TRITON_OK is None:
+        _TRITON_OK = triton_importable()
+    return _TRITON_OK
+
+
+def project_weight(weight: torch.Tensor, n: int, m: int, method: str, beta=None):
+    """Fused effective weight and mask: ``(w_eff, mask)``.
+
+    ``mask`` is ``ops.nm_mask(weight, n, m)``; ``w_eff`` is ``ops.project_nm(weight, n, m)`` for
+    ``method`` ``"ste"``/``"sr-ste"`` and ``(beta * ops.soft_threshold(weight.float(), n, m))
+    .to(weight.dtype)`` for ``"s-ste"`` (bit-exact twins). Not differentiable: the layer wraps it
+    in its straight-through autograd function.
+
+    Example:
+        >>> w_eff, mask = project_weight(torch.tensor([[0.1, -3.0, 2.0, 0.5]]), 2, 4, "ste")
+        >>> w_eff
+        tensor([[ 0., -3.,  2.,  0.]])
+    """
+    from .nm_project import nm_project_forward
+
+    return nm_project_forward(weight, n, m, method, beta)
+
+
+def mvue24(g: torch.Tensor, dim: int = -1, method: str = "exact", generator=None, *, out=None):
+    """Unbiased 2:4 sparsification of ``g`` along ``dim``; see `kernels.mvue.mvue24_forward`."""
+    from .mvue import mvue24_forward
+
+    return mvue24_forward(g, dim, method, generator, out=out)
+
+
+def transposable24(score: torch.Tensor) -> torch.Tensor:
+    """Exact transposable 2:4 mask of a 2-D ``score``; see `kernels.transposable`."""
+    from .transposable import transposable24_forward
+
+    return transposable24_forward(score)

@@ -1,0 +1,234 @@
+"""The ``sparsetrain`` command.
+
+::
+
+    sparsetrain fit      --config recipes/tiny-s-ste.yaml [--trainer.max_steps 50 ...]
+    sparsetrain validate --config recipes/tiny-s-ste.yaml --ckpt_path runs/tiny-s-ste/checkpoints/last.ckpt
+    sparsetrain test     --config recipes/tiny-s-ste.yaml --ckpt_path ...
+    sparsetrain export   --ckpt runs/tiny-s-ste/checkpoints/last.ckpt --out exported/tiny-s-ste
+    sparsetrain prune    ...                     (one-shot pruning; see `sparsetrain prune --help`)
+
+``fit``, ``validate`` and ``test`` are `LightningCLI` subcommands with four config sections:
+``trainer`` (every `lightning.Trainer` argument), ``model`` (`CausalLMModule`), ``data``
+(`TextDataModule`) and ``sparsity`` (every `SparsityConfig` field; the CLI adds the `SparseTraining`
+callback built from it, so recipes do not list it under ``trainer.callbacks``). Any field can be
+overridden on the command line (``--sparsity.method ste``). ``model.vocab_size`` and
+``model.block_size`` follow the data module's and need not be set. Without ``--config`` the default
+recipe ``recipes/tiny-s-ste.yaml`` is used. ``--ckpt_path last`` resumes from the newest ``last.ckpt``
+of the recipe's `ModelCheckpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPE = REPO_ROOT / "recipes" / "tiny-s-ste.yaml"
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
+
+log = logging.getLogger(__name__)
+
+
+def _make_cli_class():
+    # Imported here so that `sparsetrain export --help` and `prune` do not pay for building the parser.
+    from lightning.pytorch.cli import LightningCLI
+
+    from .callbacks import SparseTraining
+    from .config import SparsityConfig
+
+    class SparseTrainCLI(LightningCLI):
+        """`LightningCLI` with a ``sparsity`` section that becomes a `SparseTraining` callback."""
+
+        @staticmethod
+        def subcommands() -> dict:
+            full = LightningCLI.subcommands()
+            return {k: full[k] for k in LIGHTNING_SUBCOMMANDS}
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_class_arguments(SparsityConfig, "sparsity")
+            # The model's vocabulary and context follow the data, so a recipe states them once.
+            parser.link_arguments("data.block_size", "model.block_size")
+            parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+        def instantiate_trainer(self, **kwargs):
+            cfg = self._get(self.config_init, "sparsity")
+            if not isinstance(cfg, SparsityConfig):
+                cfg = SparsityConfig(**dict(cfg))
+            extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+            extra.append(SparseTraining(config=cfg))
+            trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+            return self._instantiate_trainer(trainer_config, extra)
+
+    return SparseTrainCLI
+
+
+def run_lightning(argv: Sequence[str]):
+    """Run ``fit``/``validate``/``test`` with ``argv`` (the subcommand first); returns the CLI object."""
+    from .data import TextDataModule
+    from .models import CausalLMModule
+
+    argv = list(argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in argv) and not {"-h", "--help"} & set(argv):
+        if DEFAULT_RECIPE.exists():
+            argv[1:1] = ["--config", str(DEFAULT_RECIPE)]
+    cli_cls = _make_cli_class()
+    # We pass `args` ourselves (with the default recipe filled in); Lightning's warning about
+    # `args` next to `sys.argv` does not apply.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    return cli_cls(
+        CausalLMModule,
+        TextDataModule,
+        args=argv,
+        # A resumed run writes its config.yaml into the same directory as the run it continues.
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+# ---------------------------------------------------------------------------------------- export
+
+def _clean_hparams(hparams: dict) -> dict:
+    # LightningCLI stores how it built the module ("_class_path", "_instantiator"); not constructor args.
+    return {k: v for k, v in hparams.items() if not k.startswith("_")}
+
+
+def load_module_from_checkpoint(ckpt_path: str):
+    """A `CausalLMModule` (with its sparse layers, if it was trained sparse) from a checkpoint.
+
+    Returns:
+        ``(module, checkpoint dict)``.
+    """
+    import torch
+
+    from .config import SparsityConfig
+    from .models import CausalLMModule
+    from .nn import sparsify
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ValueError(f"`ckpt`={ckpt_path!r} is not a file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"`ckpt`={ckpt_path!r} is not a sparsetrain (Lightning) checkpoint of a CausalLMModule")
+    module = CausalLMModule(**_clean_hparams(ckpt["hyper_parameters"]))
+    cfg = ckpt.get("sparsity_config")
+    if cfg is not None:
+        cfg = SparsityConfig(**cfg)
+        sparsify(module, cfg)
+    module.load_state_dict(ckpt["state_dict"])
+    module.eval()
+    return module, ckpt
+
+
+def nm_violations(weight, n: int, m: int) -> int:
+    """Groups of ``m`` consecutive weights along the input dim with more than ``n`` non-zeros.
+
+    ``weight`` is ``(out, in)`` (an `nn.Linear` layout).
+    """
+    out_f, in_f = weight.shape
+    groups = (weight != 0).reshape(out_f, in_f // m, m)  # (out, in/m, m)
+    return int((groups.sum(-1) > n).sum())
+
+
+def export_checkpoint(ckpt_path: str, out_dir: str) -> dict:
+    """Write a `transformers` ``save_pretrained`` directory holding the effective (N:M) weights.
+
+    Every swapped layer is checked to be exactly N:M before anything is written. Next to the model
+    files, ``sparsetrain.json`` records the sparsity config, the checked layers and the data settings
+    (which tokenizer the model expects).
+
+    Returns:
+        The content of ``sparsetrain.json``.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    from .nn import export, sparse_layers
+
+    module, ckpt = load_module_from_checkpoint(ckpt_path)
+    layers = {name.removeprefix("model."): layer for name, layer in sparse_layers(module)}
+    cfg = ckpt.get("sparsity_config")
+    hf_model = export(module.model)
+    checked = []
+    if cfg is not None and cfg["method"] != "dense":
+        n, m = cfg["n"], cfg["m"]
+        for name in layers:
+            sub = hf_model.get_submodule(name)
+            w = sub.weight.detach()
+            w = w.t() if isinstance(sub, Conv1D) else w  # Conv1D stores (in, out)
+            bad = nm_violations(w, n, m)
+            if bad:
+                raise RuntimeError(f"Exported layer {name} breaks {n}:{m} sparsity in {bad} group(s)")
+            checked.append(name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(out)
+    info = {
+        "checkpoint": str(Path(ckpt_path).resolve()),
+        "global_step": ckpt.get("global_step"),
+        "sparsity_config": cfg,
+        "nm_checked_layers": checked,
+        "data": _clean_hparams(dict(ckpt.get("datamodule_hyper_parameters", {}))),
+    }
+    (out / "sparsetrain.json").write_text(json.dumps(info, indent=1, default=str))
+    return info
+
+
+def _export_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="sparsetrain export",
+        description="Write a transformers save_pretrained directory with the trained N:M sparse weights.",
+    )
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by `sparsetrain fit`")
+    p.add_argument("--out", required=True, help="output directory (created)")
+    args = p.parse_args(list(argv))
+    try:
+        info = export_checkpoint(args.ckpt, args.out)
+    except ValueError as e:
+        p.error(str(e))
+    n_layers = len(info["nm_checked_layers"])
+    cfg = info["sparsity_config"]
+    what = f"{n_layers} layer(s) checked {cfg['n']}:{cfg['m']}" if n_layers else "dense model"
+    print(f"Exported step {info['global_step']} to {args.out} ({what}). Load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- main
+
+_USAGE = """usage: sparsetrain {fit,validate,test,export,prune} ...
+
+  fit | validate | test   train or evaluate a recipe:  sparsetrain fit --config recipes/tiny-s-ste.yaml
+  export                  sparsetrain export --ckpt CKPT --out DIR  (transformers save_pretrained, N:M weights)
+  prune                   one-shot N:M pruning of a trained model (sparsetrain prune --help)
+
+Run `sparsetrain SUBCOMMAND --help` for the options of one subcommand."""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``sparsetrain`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_USAGE)
+        return 0 if argv else 2
+    cmd = argv[0]
+    if cmd == "export":
+        return _export_main(argv[1:])
+    if cmd == "prune":
+        from .pruning.cli import main as prune_main  # another part of the package; loaded only when asked
+
+        return prune_main(argv[1:]) or 0
+    if cmd in LIGHTNING_SUBCOMMANDS:
+        run_lightning(argv)
+        return 0
+    print(f"sparsetrain: unknown subcommand {cmd!r}\n\n{_USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The `sparsetrain` command end to end on a few steps: fit, checkpoint, resume, validate, export, reload."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from sparsetrain.cli import main, nm_violations
+
+RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny-s-ste.yaml")
+
+
+class Killed(Exception):
+    """Stands in for a run killed mid-way."""
+
+
+class KillAtStep(L.Callback):
+    """Raise `Killed` when training reaches ``step`` (after the checkpoint of the step before)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise Killed(trainer.global_step)
+
+
+def _args(root: Path, cache: Path, *extra):
+    # A tiny model and corpus: the recipe's settings with sizes cut down.
+    return [
+        "--config", RECIPE,
+        "--trainer.max_steps", "8",
+        "--trainer.val_check_interval", "4",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.logger.init_args.save_dir", str(root),
+        "--trainer.callbacks.init_args.dirpath", str(root / "checkpoints"),
+        "--trainer.callbacks.init_args.every_n_train_steps", "4",
+        "--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "64",
+        "--model.warmup_steps", "2",
+        "--data.block_size", "64", "--data.batch_size", "4",
+        "--data.max_files", "40", "--data.val_fraction", "0.1", "--data.max_val_blocks", "8",
+        "--data.cache_dir", str(cache),
+        *extra,
+    ]
+
+
+def _metrics(root: Path) -> list[dict]:
+    rows = []
+    for f in sorted(root.glob("logs/version_*/metrics.csv")):
+        rows += list(csv.DictReader(f.open()))
+    return rows
+
+
+def _series(rows, key):
+    return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("full")
+    cache = tmp_path_factory.mktemp("cache")
+    assert main(["fit", *_args(root, cache)]) == 0
+    return root, cache
+
+
+def test_fit_logs_and_checkpoints(uninterrupted):
+    root, _ = uninterrupted
+    rows = _metrics(root)
+    loss = _series(rows, "train/loss")
+    assert sorted(loss) == list(range(8))
+    assert all(math.isfinite(v) for v in loss.values())
+    assert loss[7] < loss[0]
+    for key in ("train/ppl", "lr", "train/tokens_per_s", "sparsity/flip_rate", "sparsity/beta_mean",
+                "sparsity/zero_fraction"):
+        assert _series(rows, key), key
+    ppl = _series(rows, "train/ppl")
+    assert ppl[3] == pytest.approx(math.exp(loss[3]), rel=1e-4)
+    assert _series(rows, "sparsity/zero_fraction")[7] == pytest.approx(0.5, abs=1e-3)
+    assert set(_series(rows, "val/loss")) == {3, 7}
+    assert (root / "checkpoints" / "last.ckpt").exists()
+
+
+def test_resume_from_last_gives_the_same_loss_curve(uninterrupted, tmp_path):
+    full_root, cache = uninterrupted
+    kill = json.dumps({"class_path": "test_cli.KillAtStep", "init_args": {"step": 6}})
+    with pytest.raises(Killed):
+        main(["fit", *_args(tmp_path, cache, "--trainer.callbacks+=" + kill)])
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4  # the kill came after the step-4 checkpoint, before step 8
+    assert main(["fit", *_args(tmp_path, cache, "--ckpt_path", "last")]) == 0
+    full = _series(_metrics(full_root), "train/loss")
+    resumed = _series(_metrics(tmp_path), "train/loss")
+    assert sorted(resumed) == list(range(8))
+    for step in range(8):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+    full_val, resumed_val = _series(_metrics(full_root), "val/loss"), _series(_metrics(tmp_path), "val/loss")
+    assert resumed_val[7] == pytest.approx(full_val[7], rel=1e-5)
+
+
+def test_export_is_nm_and_reloads_with_the_same_val_loss(uninterrupted, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from sparsetrain.data import TextDataModule
+
+    root, cache = uninterrupted
+    out = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(root / "checkpoints" / "last.ckpt"), "--out", str(out)]) == 0
+    info = json.loads((out / "sparsetrain.json").read_text())
+    assert len(info["nm_checked_layers"]) == 4  # c_fc and c_proj of 2 blocks
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    for name in info["nm_checked_layers"]:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, Conv1D)
+        w = layer.weight.detach().t()  # (out, in)
+        # Independent check: every group of 4 along the input dim has exactly 2 zeros or more.
+        groups = w.reshape(w.shape[0], -1, 4)
+        assert bool(((groups == 0).sum(-1) >= 2).all())
+        assert nm_violations(w, 2, 4) == 0
+    # Validation loss of the reloaded model over the same blocks, with a plain loop.
+    dm = TextDataModule(**{k: v for k, v in info["data"].items()})
+    dm.setup("validate")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in dm.val_dataloader():
+            logits = model(input_ids=x).logits
+            total += torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1),
+                                                       reduction="sum").item()
+            count += y.numel()
+    logged = _series(_metrics(root), "val/loss")[7]
+    assert total / count == pytest.approx(logged, rel=1e-4)
+
+
+def test_validate_subcommand_matches_the_logged_val_loss(uninterrupted, tmp_path):
+    root, cache = uninterrupted
+    args = _args(tmp_path, cache, "--ckpt_path", str(root / "checkpoints" / "last.ckpt"))
+    assert main(["validate", *args]) == 0
+    logged = _series(_metrics(root), "val/loss")[7]
+    validated = [float(r["val/loss"]) for r in _metrics(tmp_path) if r.get("val/loss")]
+    assert validated and validated[-1] == pytest.approx(logged, rel=1e-5)
+
+
+def test_unknown_config_field_fails_naming_it(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layers: 3\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", RECIPE, "--config", str(bad)])
+    assert "n_layers" in capsys.readouterr().err
+
+
+def test_ill_typed_config_field_fails_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", RECIPE, "--data.batch_size", "many"])
+    err = capsys.readouterr().err
+    assert "data.batch_size" in err
+
+
+def test_bad_sparsity_value_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="`method`"):
+        main(["fit", "--config", RECIPE, "--sparsity.method", "magic",
+              "--trainer.default_root_dir", str(tmp_path)])
+
+
+def test_export_rejects_a_missing_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "o")])
+    assert "`ckpt`" in capsys.readouterr().err
+
+
+def test_unknown_subcommand():
+    assert main(["train"]) == 2
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(RECIPE).parent).glob("*.yaml")))
+def test_every_recipe_parses(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(Path(RECIPE).parent / recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "sparsity:" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quality_benchmark_runs(tmp_path):
+    # The full table takes ~30 CPU-minutes: `python benchmarks/pretrain_quality.py`. This only checks it runs.
+    import importlib.util
+
+    path = Path(RECIPE).parents[1] / "benchmarks" / "pretrain_quality.py"
+    spec = importlib.util.spec_from_file_location("pretrain_quality", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--steps", "4", "--val-every", "2", "--seeds", "1", "--methods", "dense", "s-ste",
+                       "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "pretrain_quality.json").read_text())
+    assert set(result["table"]) == {"dense", "s-ste"}

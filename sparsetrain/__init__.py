@@ -14,6 +14,23 @@ from .nn import SparseLinear, densify, export, sparse_layers, sparsify
 
 __version__ = "0.1.0"
 
+# Heavier parts load on first use, so `import sparsetrain` stays quick for layer-only users.
+_LAZY = {
+    "TextDataModule": ("sparsetrain.data", "TextDataModule"),
+    "CausalLMModule": ("sparsetrain.models", "CausalLMModule"),
+    "pruning": ("sparsetrain.pruning", None),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name)
+        return module if attr is None else getattr(module, attr)
+    raise AttributeError(f"module 'sparsetrain' has no attribute {name!r}")
+
 __all__ = [
     "SparsityConfig",
     "SparseLinear",
@@ -23,4 +40,7 @@ __all__ = [
     "export",
     "sparse_layers",
     "ops",
+    "TextDataModule",
+    "CausalLMModule",
+    "pruning",
 ]

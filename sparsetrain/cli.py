@@ -57,6 +57,14 @@ def _make_cli_class():
             parser.link_arguments("data.block_size", "model.block_size")
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
+        def before_instantiate_classes(self) -> None:
+            # Check the sparsity section first, so a bad value is a one-line error, not a traceback.
+            section = self._get(self.config, "sparsity")
+            try:
+                SparsityConfig(**dict(section))
+            except (TypeError, ValueError) as e:
+                self.parser.error(f"invalid `sparsity` section: {e}")
+
         def instantiate_trainer(self, **kwargs):
             cfg = self._get(self.config_init, "sparsity")
             if not isinstance(cfg, SparsityConfig):

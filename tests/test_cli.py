@@ -162,10 +162,13 @@ def test_ill_typed_config_field_fails_naming_it(tmp_path, capsys):
     assert "data.batch_size" in err
 
 
-def test_bad_sparsity_value_fails_before_training(tmp_path):
-    with pytest.raises(ValueError, match="`method`"):
+def test_bad_sparsity_value_fails_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
         main(["fit", "--config", RECIPE, "--sparsity.method", "magic",
               "--trainer.default_root_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "invalid `sparsity` section: Unknown `method`='magic'; valid choices:" in err
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_export_rejects_a_missing_checkpoint(tmp_path, capsys):

@@ -1,0 +1,345 @@
+"""Tests of `sparsetrain.pruning` against independent references: numerical minimisation for the
+prox, closed-form losses, and structural checks of pruned models."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+from torch import nn
+
+from sparsetrain.pruning import prox_2to4, prune, refine_masked, regularizer_2to4
+from sparsetrain.pruning.methods import sparsegpt_prune, wanda_prune
+from sparsetrain.pruning.prox import prox_prune
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The prox loop runs thousands of tiny matmuls; with several OpenMP threads on a busy machine
+    # they spin against other jobs and run ~100x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _objective(w, z, lam):
+    a = np.abs(w)
+    r = sum(a[i] * a[j] * a[k] for i, j, k in itertools.combinations(range(4), 3))
+    return 0.5 * np.sum((w - z) ** 2) + lam * r
+
+
+def _gradient(u, s, z, lam):
+    # d/du_i of the objective in the orthant w = s * u, u >= 0: (u_i - |z_i|) + lam * e2(u without i).
+    a = np.abs(z)
+    e2 = np.array([sum(u[j] * u[k] for j, k in itertools.combinations([x for x in range(4) if x != i], 2))
+                   for i in range(4)])
+    return (u - a) + lam * e2
+
+
+def _brute_force(z, lam):
+    """Least objective over multi-start L-BFGS-B in z's sign orthant.
+
+    Restricting to the orthant of sign(z) loses nothing: flipping a coordinate of w to the sign of
+    z_i never increases |w_i - z_i| and leaves R unchanged. Inside the orthant the objective is a
+    smooth polynomial, so a bounded quasi-Newton method from a grid of starts finds its minimum.
+    """
+    s = np.where(z >= 0, 1.0, -1.0)
+    a = np.abs(z)
+    best = np.inf
+    starts = [np.array(c) for c in itertools.product((0.0, 1.0), repeat=4)] + [np.full(4, 0.5)]
+    for start in starts:
+        u0 = start * a
+        res = minimize(lambda u: _objective(s * u, z, lam), u0, jac=lambda u: _gradient(u, s, z, lam), method="L-BFGS-B",
+                       bounds=[(0, None)] * 4, options=dict(ftol=1e-15, gtol=1e-12))
+        best = min(best, res.fun)
+    return best
+
+
+def _random_groups(count, seed):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for t in range(count):
+        z = rng.normal(size=4) * rng.choice([0.3, 1.0, 3.0])
+        if t % 4 == 0:
+            z[rng.integers(4)] = 0.0  # zeros
+        if t % 5 == 0:
+            z[1] = z[0] * rng.choice([1.0, -1.0])  # tied magnitudes
+        if t % 9 == 0:
+            z[:] = rng.choice([1.0, -1.0], size=4)  # all tied
+        lam = float(10 ** rng.uniform(-2, 1.5))
+        cases.append((z, lam))
+    return cases
+
+
+def test_prox_matches_brute_force_minimisation():
+    for z, lam in _random_groups(40, seed=0):
+        w = prox_2to4(torch.tensor(z), lam).numpy()
+        got = _objective(w, z, lam)
+        best = _brute_force(z, lam)
+        # The prox must be at least as good as the numerical optimum (it cannot be better than
+        # the true minimum, so this also pins it to the optimum).
+        assert got <= best + 1e-9, (z, lam, w, got, best)
+
+
+def test_prox_against_fine_grid_in_all_orthants():
+    # Fully independent of the sign and order arguments: a grid over every sign pattern.
+    z = np.array([0.9, -0.7, 0.5, 0.3])
+    grid = np.linspace(-1.0, 1.0, 41)
+    ww = np.stack(np.meshgrid(grid, grid, grid, grid, indexing="ij"), -1).reshape(-1, 4)
+    a = np.abs(ww)
+    r = a[:, 0] * a[:, 1] * (a[:, 2] + a[:, 3]) + a[:, 2] * a[:, 3] * (a[:, 0] + a[:, 1])
+    for lam in (0.1, 0.8, 3.0):
+        grid_best = (0.5 * ((ww - z) ** 2).sum(1) + lam * r).min()
+        got = _objective(prox_2to4(torch.tensor(z), lam).numpy(), z, lam)
+        assert got <= grid_best + 1e-12
+
+
+def test_regularizer_zero_iff_at_most_two_nonzeros():
+    w = torch.tensor([[0.0, 2.0, 0.0, -3.0], [1.0, 0.0, 0.0, 0.0], [0.0] * 4, [1.0, 1.0, 1e-3, 0.0]])
+    r = regularizer_2to4(w).squeeze(-1)
+    assert r[:3].tolist() == [0.0, 0.0, 0.0]
+    assert r[3] > 0
+    assert regularizer_2to4(torch.tensor([1.0, 2.0, 3.0, 4.0])).item() == 1 * 2 * 3 + 1 * 2 * 4 + 1 * 3 * 4 + 2 * 3 * 4
+
+
+def test_prox_large_lambda_is_2to4_and_zero_lambda_is_identity():
+    z = torch.randn(64, 32, dtype=torch.float64)
+    out = prox_2to4(z, 1e4)
+    assert ((out.reshape(64, 8, 4) != 0).sum(-1) <= 2).all()
+    # With R = 0 on the two largest, the prox keeps them unchanged.
+    kept = out != 0
+    assert torch.equal(out[kept], z[kept])
+    assert torch.equal(prox_2to4(z, 0.0), z)
+
+
+def test_prox_rejects_bad_input():
+    with pytest.raises(ValueError, match="`lam`"):
+        prox_2to4(torch.randn(4), -1.0)
+    with pytest.raises(ValueError, match="multiple of m=4"):
+        prox_2to4(torch.randn(6), 1.0)
+
+
+def _correlated_layer(seed=0, tokens=2048, d_in=64, d_out=48):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(tokens, d_in, generator=g)
+    # Correlated inputs with uneven scales, like real activations.
+    x = base @ (torch.eye(d_in) + 0.4 * torch.randn(d_in, d_in, generator=g)) * torch.rand(d_in, generator=g).add(0.2)
+    w = torch.randn(d_out, d_in, generator=g) * 0.1
+    h = x.T @ x / tokens
+    return x, w, h
+
+
+def _loss_from_x(w_hat, w, x):
+    # Independent of `local_loss`: the output error computed from the inputs themselves.
+    return ((x @ (w - w_hat).T) ** 2).sum() / x.shape[0]
+
+
+def test_refinement_never_increases_loss_and_keeps_mask():
+    x, w, h = _correlated_layer()
+    w_hat, mask = wanda_prune(w, h, 2, 4)
+    d = h.diagonal().sqrt()
+    hn = h / d[:, None] / d[None, :]
+    for solver in ("cg", "gd"):
+        for steps in (1, 5, 200):
+            v, _ = refine_masked(w_hat * d, w * d, hn, mask, steps, solver)
+            w_ref = v / d
+            assert torch.equal(w_ref != 0, mask & (w_ref != 0)) and (w_ref[~mask] == 0).all()
+            assert _loss_from_x(w_ref, w, x) <= _loss_from_x(w_hat, w, x) * (1 + 1e-5)
+    # A converged refinement satisfies the masked normal equations: ((W^ - W) H)[mask] = 0.
+    v, _ = refine_masked(w_hat * d, w * d, hn, mask, 500, "cg")
+    grad = ((v / d - w).double() @ h.double())[mask]
+    assert grad.abs().max() < 1e-3 * (w.double() @ h.double()).abs().max()
+
+
+def test_sparsegpt_and_prox_beat_wanda_on_correlated_inputs():
+    x, w, h = _correlated_layer(seed=1)
+    wanda = _loss_from_x(wanda_prune(w, h, 2, 4)[0], w, x)
+    sgpt, mask = sparsegpt_prune(w, h, 2, 4)
+    assert (sgpt.reshape(48, 16, 4) != 0).sum(-1).max() <= 2
+    d = h.diagonal().sqrt()
+    res = prox_prune(w * d, h / d[:, None] / d[None, :])
+    assert not res.hit_cap
+    prox = _loss_from_x(res.weight / d, w, x)
+    assert _loss_from_x(sgpt, w, x) < wanda
+    assert prox < wanda
+
+
+def _tiny_gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, bos_token_id=0,
+                                        eos_token_id=0, pad_token_id=0))
+
+
+def _calib(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (2, 16), generator=g) for _ in range(2)]
+
+
+def _check_2to4(model, names):
+    mods = dict(model.named_modules())
+    for name in names:
+        w = mods[name].weight.detach()
+        if type(mods[name]).__name__ == "Conv1D":
+            w = w.t()
+        assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), name
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda+refine", "sparsegpt", "prox"])
+def test_prune_tiny_gpt2_end_to_end(method):
+    model = _tiny_gpt2()
+    lm_head_before = model.lm_head.weight.clone()
+    report = prune(model, _calib(), method=method, refine_steps=20, lambda0=0.5, beta=1.05)
+    names = [l.name for l in report.layers]
+    assert len(names) == 8 and all(n.startswith("transformer.h.") for n in names)
+    _check_2to4(model, names)
+    assert torch.equal(model.lm_head.weight, lm_head_before)
+    d = report.to_dict()
+    json.dumps(d)
+    assert 0 <= d["mean_rel_error"] < 1
+    assert "transformer.h.0.attn.c_attn" in report.table()
+    if method == "prox":
+        assert all(l.prox_iters is not None for l in report.layers)
+    out = model(_calib()[0]).logits
+    assert torch.isfinite(out).all()
+
+
+def test_targets_callable_and_regex_report_skipped_layers():
+    model = _tiny_gpt2()
+    report = prune(model, _calib(), method="magnitude", targets=lambda mod, name: name.endswith("mlp.c_fc"))
+    assert [l.name for l in report.layers] == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    report = prune(_tiny_gpt2(), _calib(), method="magnitude", targets=r"c_proj|lm_head")
+    assert len(report.layers) == 4
+    assert [name for name, _ in report.skipped] == ["lm_head"] and "skipped lm_head" in report.table()
+
+
+def test_prune_tiny_llama_sequential_and_transposable():
+    model = _tiny_llama()
+    report = prune(model, _calib(), method="wanda", transposable=True)
+    assert len(report.layers) == 14
+    names = [l.name for l in report.layers]
+    # Pruned in forward order: attention inputs first, the MLP output last.
+    assert names[:3] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert names[6] == "model.layers.0.mlp.down_proj"
+    mods = dict(model.named_modules())
+    for name in names:
+        w = mods[name].weight.detach()
+        o, i = w.shape
+        tiles = w.reshape(o // 4, 4, i // 4, 4).permute(0, 2, 1, 3) != 0  # (To, Ti, 4, 4)
+        assert (tiles.sum(-1) <= 2).all() and (tiles.sum(-2) <= 2).all(), name
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt+refine", "prox"])
+def test_transposable_masks_for_every_method(method):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 12))
+    report = prune(mlp, [torch.randn(64, 16)], method=method, transposable=True, refine_steps=20)
+    assert report.transposable and len(report.layers) == 2
+    for lin in (mlp[0], mlp[2]):
+        o, i = lin.weight.shape
+        tiles = lin.weight.detach().reshape(o // 4, 4, i // 4, 4).permute(0, 2, 1, 3) != 0  # (To, Ti, 4, 4)
+        assert (tiles.sum(-1) <= 2).all() and (tiles.sum(-2) <= 2).all()
+    with pytest.raises(ValueError, match="both dimensions.*multiple of m=4"):
+        prune(nn.Sequential(nn.Linear(8, 6)), [torch.randn(4, 8)], method="wanda", transposable=True)
+
+
+def test_each_layer_is_fitted_to_inputs_of_the_pruned_model():
+    # Independent check of sequential pruning: after pruning, capture every target's inputs X in
+    # the final (pruned) model and recompute ||X (W - W^)^T|| / ||X W^T|| from the saved dense W.
+    # A layer only depends on layers before it, so this equals the reported error exactly when
+    # the driver calibrated each layer on the outputs of the already-pruned layers.
+    model = _tiny_llama()
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    calib = _calib()
+    report = prune(model, calib, method="wanda")
+    mods = dict(model.named_modules())
+    xs = {l.name: [] for l in report.layers}
+    hooks = [mods[n].register_forward_pre_hook(lambda mod, args, n=n: xs[n].append(args[0].reshape(-1, args[0].shape[-1])))
+             for n in xs]
+    with torch.no_grad():
+        for b in calib:
+            model(b, use_cache=False)
+    for h in hooks:
+        h.remove()
+    for l in report.layers:
+        x = torch.cat(xs[l.name]).double()
+        w, w_hat = dense[l.name].double(), mods[l.name].weight.detach().double()
+        expected = (torch.linalg.norm(x @ (w - w_hat).T) / torch.linalg.norm(x @ w.T)).item()
+        assert l.rel_error == pytest.approx(expected, rel=1e-3), l.name
+
+
+def test_prune_tiny_opt_with_dict_batches():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                     num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
+                                     pad_token_id=1, bos_token_id=2, eos_token_id=2))
+    calib = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in _calib()]
+    report = prune(model, calib, method="sparsegpt+refine", refine_steps=20)
+    names = [l.name for l in report.layers]
+    assert len(names) == 12 and names[-1] == "model.decoder.layers.1.fc2"
+    _check_2to4(model, names)
+
+
+def test_plain_model_fallback_and_errors():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    report = prune(mlp, [torch.randn(32, 8)], method="sparsegpt+refine", refine_steps=10)
+    assert [l.name for l in report.layers] == ["0", "2"]
+    assert ((mlp[0].weight.reshape(16, 2, 4) != 0).sum(-1) <= 2).all()
+
+    capped = prune(nn.Sequential(nn.Linear(8, 16)), [torch.randn(32, 8)], method="prox", max_prox_iters=2)
+    assert capped.prox_hit_cap == ["0"] and "yes" in capped.table()
+
+    with pytest.raises(ValueError, match="`targets`.*matched no"):
+        prune(nn.Sequential(nn.ReLU()), [torch.randn(2, 4)])
+    with pytest.raises(ValueError, match="`calibration` is empty"):
+        prune(_tiny_gpt2(), [], method="wanda")
+    with pytest.raises(ValueError, match="multiple of m=4.*0 \\[out=4, in=6\\]"):
+        prune(nn.Sequential(nn.Linear(6, 4)), [torch.randn(2, 6)], method="wanda")
+    with pytest.raises(ValueError, match="Unknown `method`.*'wanda\\+refine'"):
+        prune(mlp, [torch.randn(2, 8)], method="obs")
+    with pytest.raises(ValueError, match="2:4 regulariser only"):
+        prune(mlp, [torch.randn(2, 8)], method="prox", n=1, m=4)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    from sparsetrain.pruning.cli import main
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                       bos_token_id=256, eos_token_id=256))
+    model.save_pretrained(tmp_path / "dense")
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x * 2\n" * 200)
+    rc = main(["--model", str(tmp_path / "dense"), "--method", "wanda+refine", "--data", str(text),
+               "--out", str(tmp_path / "pruned"), "--calib-seqs", "4", "--eval-seqs", "2", "--seq-len", "32",
+               "--refine-steps", "10"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "perplexity before" in printed and "perplexity after" in printed and "transformer.h.0.mlp.c_fc" in printed
+    info = json.loads((tmp_path / "pruned" / "prune_report.json").read_text())
+    assert info["perplexity_after"] > 1 and len(info["report"]["layers"]) == 4
+    from transformers import AutoModelForCausalLM
+
+    pruned = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pruned"))
+    w = pruned.transformer.h[0].mlp.c_fc.weight.detach().t()  # Conv1D stores (in, out)
+    assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])

@@ -19,6 +19,7 @@ _LAZY = {
     "TextDataModule": ("sparsetrain.data", "TextDataModule"),
     "CausalLMModule": ("sparsetrain.models", "CausalLMModule"),
     "pruning": ("sparsetrain.pruning", None),
+    "prune": ("sparsetrain.pruning", "prune"),
 }
 
 
@@ -43,4 +44,5 @@ __all__ = [
     "TextDataModule",
     "CausalLMModule",
     "pruning",
+    "prune",
 ]

@@ -106,6 +106,13 @@ class SparsityConfig:
         if isinstance(self.mask_update_interval, bool) or not isinstance(self.mask_update_interval, int) \
                 or self.mask_update_interval < 1:
             raise ValueError(f"`mask_update_interval` must be an int >= 1, got {self.mask_update_interval!r}")
+        from .ops.transposable import TRANSPOSABLE_METHODS  # ops import config: import here
+
+        if self.transposable_method not in TRANSPOSABLE_METHODS:
+            raise ValueError(
+                f"Unknown `transposable_method`={self.transposable_method!r}; "
+                f"valid choices: {_fmt_choices(TRANSPOSABLE_METHODS)}"
+            )
         if self.mvue is not None and self.method == "dense":
             raise ValueError("`mvue` needs a sparse `method` ('ste', 'sr-ste' or 's-ste'), got method='dense'")
         if self.transposable and self.method == "s-ste":

@@ -5,7 +5,7 @@
 
 from .nm import check_finite, group_view, nm_mask, project_nm, soft_threshold, sste_scale
 from .mvue import MVUE_CHOICES, mvue24, mvue24_probabilities
-from .transposable import TRANSPOSABLE_METHODS, transposable_error, transposable_mask
+from .transposable import TRANSPOSABLE_METHODS, is_transposable_nm, transposable_error, transposable_mask
 from .fp8 import fp8_cast_roundtrip, fp8_scale
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "MVUE_CHOICES",
     "transposable_mask",
     "transposable_error",
+    "is_transposable_nm",
     "TRANSPOSABLE_METHODS",
     "fp8_scale",
     "fp8_cast_roundtrip",

@@ -112,9 +112,13 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> List[str
         )
     swapped, skipped = [], []
     for index, (name, module) in enumerate(targets):
-        in_features = module.weight.shape[0] if is_conv1d(module) else module.in_features
+        # Conv1D stores (in, out); Linear (out, in)
+        in_features, out_features = module.weight.shape if is_conv1d(module) else module.weight.shape[::-1]
         if in_features % config.m != 0:
             skipped.append(f"{name} (in_features={in_features})")
+            continue
+        if config.transposable and out_features % config.m != 0:
+            skipped.append(f"{name} (out_features={out_features}; transposable masks tile both dims)")
             continue
         # Each layer draws its own MVUE stream: seed + a per-layer offset.
         layer_cfg = config if config.seed is None else config.replace(seed=config.seed + 7919 * index)
@@ -122,7 +126,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> List[str
         swapped.append(name)
     if skipped:
         warnings.warn(
-            f"sparsify left {len(skipped)} layer(s) dense because their input dim is not a multiple of "
+            f"sparsify left {len(skipped)} layer(s) dense because a dim is not a multiple of "
             f"m={config.m}: {', '.join(skipped)}",
             stacklevel=2,
         )

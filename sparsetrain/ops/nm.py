@@ -104,9 +104,9 @@ def soft_threshold(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     """
     check_nm(n, m)
     g = group_view(w, m)
-    a = g.abs()
-    t = _threshold(a, n, m)
-    return (torch.sign(g) * torch.clamp(a - t, min=0)).reshape(w.shape)
+    t = _threshold(g.abs(), n, m)
+    # sign(w) * max(|w| - t, 0) == w - clamp(w, -t, t), bit for bit, in two passes instead of five.
+    return (g - torch.clamp(g, -t, t)).reshape(w.shape)
 
 
 def sste_scale(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:

@@ -138,6 +138,27 @@ def test_export_is_nm_and_reloads_with_the_same_val_loss(uninterrupted, tmp_path
     assert total / count == pytest.approx(logged, rel=1e-4)
 
 
+def test_prune_a_training_checkpoint(uninterrupted, tmp_path):
+    """`sparsetrain prune --model CKPT`: a `fit` checkpoint (S-STE layers inside) is exported, pruned
+    2:4 on every block layer (attention too) and saved; the saved model loads with transformers."""
+    from transformers import AutoModelForCausalLM
+
+    root, _ = uninterrupted
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--model", str(root / "checkpoints" / "last.ckpt"), "--method", "sparsegpt",
+               "--out", str(out), "--calib-seqs", "4", "--eval-seqs", "2", "--seq-len", "32",
+               "--max-bytes", "200000"])
+    assert rc == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    layers = report["report"]["layers"]
+    assert len(layers) == 8 and all(r["rel_error"] >= 0 for r in layers)
+    assert report["perplexity_after"] > 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for block in model.transformer.h:
+        for conv in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            assert nm_violations(conv.weight.t(), 2, 4) == 0
+
+
 def test_validate_subcommand_matches_the_logged_val_loss(uninterrupted, tmp_path):
     root, cache = uninterrupted
     args = _args(tmp_path, cache, "--ckpt_path", str(root / "checkpoints" / "last.ckpt"))

@@ -458,7 +458,9 @@ def _dykstra(tiles: torch.Tensor, n: int, tau: float, iters: int) -> torch.Tenso
         torch.mul(s, q, out=sq)
         torch.clamp(sq, max=1.0, out=s)
         torch.clamp(sq, min=1.0, out=q)
-    return s.permute(2, 0, 1)  # (B, m, m)
+    # (B, m, m), contiguous: the rounding's top-k passes over a strided plan ran ~1.5x slower
+    # (118 ms vs 79 ms at 1024x1024 16:32).
+    return s.permute(2, 0, 1).contiguous()
 
 
 def _tsenor(tiles: torch.Tensor, n: int, tau: float, iters: int) -> torch.Tensor:
@@ -468,7 +470,10 @@ def _tsenor(tiles: torch.Tensor, n: int, tau: float, iters: int) -> torch.Tensor
     # short is filled by the best-gain swaps of `_repair`, which use the scores instead of the
     # near-zero tail of the plan. On |N(0,1)| 1024x1024 16:32 this cut the gap to the optimum from
     # 0.12% (full greedy pass) to 0.07% and the rounding time from ~0.3 s to ~0.2 s.
-    return _repair(_greedy_round_fast(plan, n, extra=4 * m, slack=m // 4), tiles, n)
+    # slack m/2: tiles the capped pass leaves at most m/2 short are repaired by swaps; only worse
+    # ones (ties, flat plans) get the full greedy pass. At 1024x1024 16:32, m/4 sent a few tiles
+    # to the full pass (~24 ms of ~190 ms); m/2 sends none, at 159 ms and the same gap (0.067%).
+    return _repair(_greedy_round_fast(plan, n, extra=4 * m, slack=m // 2), tiles, n)
 
 
 # --------------------------------------------------------------------------------------------------

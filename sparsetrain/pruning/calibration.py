@@ -14,10 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-try:  # GPT-2 style layers keep their weight transposed ([in, out])
-    from transformers.pytorch_utils import Conv1D as _Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but keep plain models working
-    _Conv1D = None
+from ..nn.linear import is_conv1d  # GPT-2 style layers keep their weight transposed ([in, out])
 
 __all__ = ["is_prunable", "layer_weight", "set_layer_weight", "find_blocks", "select_targets", "GramCollector"]
 
@@ -36,20 +33,20 @@ Targets = Union[None, str, Callable[[nn.Module, str], bool]]
 
 def is_prunable(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and ``transformers``' ``Conv1D``."""
-    return isinstance(module, nn.Linear) or (_Conv1D is not None and isinstance(module, _Conv1D))
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def layer_weight(module: nn.Module) -> torch.Tensor:
     """The weight in ``nn.Linear`` layout ``[out, in]`` as a float32 copy."""
     w = module.weight.detach()
-    if _Conv1D is not None and isinstance(module, _Conv1D):
+    if is_conv1d(module):
         w = w.t()  # Conv1D stores [in, out]
     return w.float().clone()
 
 
 def set_layer_weight(module: nn.Module, w: torch.Tensor) -> None:
     """Write ``w`` (``[out, in]``) back into the layer, in its own layout and dtype."""
-    if _Conv1D is not None and isinstance(module, _Conv1D):
+    if is_conv1d(module):
         w = w.t()
     with torch.no_grad():
         module.weight.copy_(w.to(module.weight.dtype))

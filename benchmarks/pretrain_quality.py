@@ -5,9 +5,9 @@ Every method trains the same model on the same data, for the same steps, from th
 (final validation loss per run, mean and spread over seeds, gap to dense, mean flip rate) and
 ``benchmarks/results/pretrain_quality.png`` (validation loss against step, mean over seeds).
 
-Slow (about 30 minutes on 2 CPU cores with the defaults); not part of the test suite::
+Slow (about 23 minutes on 2 idle CPU cores with the defaults); not part of the test suite::
 
-    python benchmarks/pretrain_quality.py                  # 5 methods x 2 seeds x 400 steps
+    python benchmarks/pretrain_quality.py                  # 5 methods x 3 seeds x 1200 steps
     python benchmarks/pretrain_quality.py --steps 800 --seeds 1 2 3
 
 The papers expect dense < S-STE < SR-STE < STE in loss. At this scale the gaps are small; the table
@@ -132,9 +132,9 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--val-every", type=int, default=50)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, default=1200)  # 400 left every gap inside the seed noise
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--cache-dir", default=None, help="corpus cache (default: sparsetrain's)")
     p.add_argument("--out", default=str(RESULTS))

@@ -79,7 +79,7 @@ class SparseLinear(nn.Linear):
         self.backend_name = "dense"
         self._backend_key = None  # (device, dtype) the backend was chosen for
         self._backend_cache: dict = {}
-        self._mask_version = 0  # bumps when a transposable mask is refreshed (keys the cache)
+        self._mask_version = 0  # bumps when beta or a transposable mask changes (keys the cache)
         self.reset_sparsity_state()
 
     # ----------------------------------------------------------------------------------- build
@@ -116,6 +116,7 @@ class SparseLinear(nn.Linear):
         """Compute beta (S-STE) and the current mask from the weights as they are now."""
         if self.weight.is_meta:
             return
+        self._mask_version += 1  # W~ may change (beta, mask): a cached compressed W~ is stale
         with torch.no_grad():
             if self.config.method == "s-ste":
                 self.beta.copy_(sste_scale(self.weight, self.config.n, self.config.m))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -149,7 +148,7 @@ def bench_end_to_end(models, steps: int, dtype=torch.bfloat16, tokens_per_batch=
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             ids = torch.randint(0, 50257, tokens_per_batch, device="cuda")
 
-            def step():
+            def step(model=model, opt=opt):  # bound now: both are deleted after timing
                 loss = model(ids, labels=ids).loss
                 loss.backward()
                 opt.step()

@@ -21,7 +21,6 @@ of the recipe's `ModelCheckpoint`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys

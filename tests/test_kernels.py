@@ -24,8 +24,7 @@ pytest.importorskip("triton")
 
 from sparsetrain import kernels, ops  # noqa: E402
 from sparsetrain.kernels.mvue import mvue24_forward  # noqa: E402
-from sparsetrain.kernels.nm_project import nm_project_forward  # noqa: E402
-from sparsetrain.kernels.transposable import PATTERNS, transposable24_forward  # noqa: E402
+from sparsetrain.kernels.transposable import PATTERNS  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 4), (3, 12), (37, 132), (129, 8)]

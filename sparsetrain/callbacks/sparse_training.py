@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict, List, Optional
 
 import lightning.pytorch as pl
@@ -14,8 +13,6 @@ from ..config import SparsityConfig
 from ..nn.convert import sparse_layers, sparsify
 
 __all__ = ["SparseTraining"]
-
-log = logging.getLogger(__name__)
 
 
 class SparseTraining(Callback):

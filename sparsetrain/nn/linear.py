@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Dict, Optional
 
@@ -16,8 +15,6 @@ from ..methods import effective_weight, masked_weight
 from ..ops.nm import check_finite, sste_scale
 
 __all__ = ["SparseLinear", "is_conv1d"]
-
-log = logging.getLogger(__name__)
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -135,13 +135,10 @@ class SparseTraining(Callback):
         betas = []
         refresh = self.config.transposable and step % self.config.mask_update_interval == 0
         for layer in layers:
-            if refresh:
-                flips += layer.refresh_transposable_mask()
-            else:
-                flips += layer.update_mask()
-            w = layer.effective_weight()
-            zeros += int((w == 0).sum())
-            total += w.numel()
+            layer_flips, layer_zeros = layer.update_mask(refresh_transposable=refresh)
+            flips += layer_flips
+            zeros += layer_zeros
+            total += layer.weight.numel()
             if layer.config.method == "s-ste":
                 betas.append(float(layer.beta))
         self._last = {

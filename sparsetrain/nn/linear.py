@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -214,14 +214,24 @@ class SparseLinear(nn.Linear):
 
     # ----------------------------------------------------------------------------------- masks
     @torch.no_grad()
-    def update_mask(self) -> int:
-        """Store the current mask in the ``mask`` buffer; return how many entries flipped."""
-        if not self.config.sparse or self.config.transposable:
-            return 0
-        new = self._current_mask()
-        flips = int((new != self.mask).sum())
-        self.mask.copy_(new)
-        return flips
+    def update_mask(self, refresh_transposable: bool = False) -> Tuple[int, int]:
+        """After an optimizer step: store the current mask in the ``mask`` buffer.
+
+        Transposable masks are kept as they are unless ``refresh_transposable``. Returns
+        ``(entries flipped, entries of W~ exactly zero)``, from one projection of the weights.
+        """
+        cfg = self.config
+        weight = self.weight.detach()
+        if not cfg.sparse:
+            return 0, int((weight == 0).sum())
+        if cfg.transposable:
+            flips = self.refresh_transposable_mask() if refresh_transposable else 0
+            w_eff = weight * self.mask
+        else:
+            w_eff, new = masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta())
+            flips = int((new != self.mask).sum())
+            self.mask.copy_(new)
+        return flips, int((w_eff == 0).sum())
 
     @torch.no_grad()
     def refresh_transposable_mask(self) -> int:

@@ -1,4 +1,5 @@
-"""cuSPARSELt backend: selection and error messages on CPU; products against the dense backend on GPU."""
+"""cuSPARSELt backend: selection and error messages; its products on CPU against an emulation of
+``torch._cslt_*`` (`fake_cusparselt`) with float64 references, and on GPU against the dense backend."""
 
 import types
 import warnings
@@ -6,8 +7,10 @@ import warnings
 import pytest
 import torch
 
-from sparsetrain import backends, ops
+from fake_cusparselt import CusparseLtContractError, FakeCusparseLt
+from sparsetrain import SparseLinear, SparsityConfig, backends, ops
 from sparsetrain.backends import cusparselt, dense
+from sparsetrain.ops import fp8 as fp8_ops
 
 HAS_CSLT = torch.cuda.is_available() and torch.backends.cusparselt.is_available() \
     and torch.cuda.get_device_capability() >= (8, 0)
@@ -178,3 +181,312 @@ def test_semi_structured_export_matches_dense():
     ref = lin(x)
     cusparselt.to_semi_structured(lin)
     torch.testing.assert_close(lin(x), ref, rtol=1e-2, atol=1e-2)
+
+
+# ------------------------------------------------------------------ CPU, emulated cuSPARSELt
+# The backend's products run against `fake_cusparselt`, which computes each product in float32
+# and refuses what the real op would reject or misread. References below are float64 products.
+
+
+@pytest.fixture
+def cslt(monkeypatch, fake_sm):
+    """The emulated ops installed, and `can_use` judging CPU tensors as if on an sm90 GPU."""
+    fake_sm((9, 0), "Emulated H100")
+    fake = FakeCusparseLt().install(monkeypatch)
+    real_can_use = cusparselt.can_use
+
+    def can_use(weight, x=None, dtype=None):
+        return real_can_use(_fake_cuda_weight(tuple(weight.shape), weight.dtype), None, dtype)
+
+    monkeypatch.setattr(cusparselt, "can_use", can_use)
+    cusparselt._ALG_CACHE.clear()
+    backends._WARNED.clear()
+    yield fake
+    cusparselt._ALG_CACHE.clear()
+
+
+def _cpu_inputs(t, d_in, d_out, dtype, transposable=False, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d_in, generator=g).to(dtype).requires_grad_(True)
+    w = torch.randn(d_out, d_in, generator=g)
+    mask = ops.transposable_mask(w.abs(), 2, 4, method="exact24") if transposable else ops.nm_mask(w, 2, 4)
+    w_eff = (w * mask).to(dtype).requires_grad_(True)
+    b = torch.randn(d_out, generator=g).to(dtype).requires_grad_(True) if bias else None
+    return x, w_eff, b
+
+
+def _f64(t):
+    return None if t is None else t.detach().double()
+
+
+def _close(got, ref, dtype, k):
+    # One rounding of a float32-accumulated length-k product to bf16/fp16, plus bf16 inputs'
+    # products accumulated in another order: relative eps of the dtype, scaled by sqrt(k).
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.double(), ref, rtol=2 * eps, atol=2 * eps * k**0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t", [1, 37, 256])
+@pytest.mark.parametrize("transposable", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_emulated_products_match_reference(cslt, dtype, t, transposable, bias):
+    d_in, d_out = 64, 48
+    x, w, b = _cpu_inputs(t, d_in, d_out, dtype, transposable, bias=bias)
+    y = cusparselt.linear(x, w, b, cache={"key": 0}, transposable=transposable)
+    gy = torch.randn(t, d_out, generator=torch.Generator().manual_seed(9)).to(dtype)
+    grads = torch.autograd.grad(y, [x, w] + ([b] if bias else []), gy)
+    y_ref = _f64(x) @ _f64(w).t() + (_f64(b) if bias else 0)
+    assert y.shape == (t, d_out) and y.dtype == dtype
+    _close(y, y_ref, dtype, d_in)
+    _close(grads[0], _f64(gy) @ _f64(w), dtype, d_out)
+    _close(grads[1], _f64(gy).t() @ _f64(x), dtype, t)
+    if bias:
+        _close(grads[2], _f64(gy).sum(0), dtype, t)
+    # What ran sparse: the forward always; the input gradient only with a transposable mask.
+    sparse_dx = [p for p in cslt.products if p["m"] == d_in]
+    assert len(sparse_dx) == (1 if transposable else 0)
+    assert cslt.compressed == [(d_out, d_in)] + ([(d_in, d_out)] if transposable else [])
+    fwd = cslt.products[0]
+    assert fwd["transpose_result"] and fwd["m"] == d_out and fwd["bias"] == bias
+
+
+def test_emulated_3d_input_noncontiguous_and_expanded_grad(cslt):
+    dtype = torch.bfloat16
+    _, w, b = _cpu_inputs(8, 64, 32, dtype)
+    big = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(3)).to(dtype)
+    x = big[:, :, ::2].requires_grad_(True)  # a strided view; 16 tokens need no padding copy
+    y = cusparselt.linear(x, w, b, cache={"key": 0}, transposable=False)
+    assert y.shape == (2, 8, 32)
+    dx, dw = torch.autograd.grad(y.sum(), (x, w))  # y.sum()'s gradient is an expanded (stride 0) tensor
+    _close(y, (_f64(x) @ _f64(w).t() + _f64(b)), dtype, 64)
+    ones = torch.ones(16, 32, dtype=torch.float64)
+    _close(dx.reshape(16, 64), ones @ _f64(w), dtype, 32)
+    _close(dw, ones.t() @ _f64(x).reshape(16, 64), dtype, 16)
+
+
+def test_emulated_transposable_grad_with_expanded_dy(cslt):
+    _, w, b = _cpu_inputs(8, 64, 32, torch.bfloat16, transposable=True)
+    x = torch.randn(16, 64).to(torch.bfloat16).requires_grad_(True)
+    y = cusparselt.linear(x, w, b, cache=None, transposable=True)
+    (dx,) = torch.autograd.grad(y.sum(), (x,))  # dY is expanded: 16 tokens need no padding copy
+    _close(dx, torch.ones(16, 32, dtype=torch.float64) @ _f64(w), torch.bfloat16, 32)
+
+
+@pytest.mark.parametrize("method", ["exact", "approx"])
+def test_emulated_mvue_weight_grad(cslt, method):
+    t, d_in, d_out = 45, 64, 32
+    x, w, b = _cpu_inputs(t, d_in, d_out, torch.bfloat16)
+    gy = torch.randn(t, d_out, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    y = cusparselt.linear(x, w, b, mvue=method, generator=torch.Generator().manual_seed(7), cache={"key": 0})
+    dw = torch.autograd.grad(y, w, gy)[0]
+    # Reference: the torch MVUE of dY, tokens zero-padded to 64 (the cuSPARSELt K multiple), with
+    # the same seed, times X.
+    gyp = torch.cat([gy, gy.new_zeros(64 - t, d_out)])
+    g = ops.mvue24(gyp, dim=0, method=method, generator=torch.Generator().manual_seed(7))
+    _close(dw, _f64(g)[:t].t() @ _f64(x), torch.bfloat16, t)
+    assert (d_out, 64) in cslt.compressed  # MVUE(dY)^T went through the sparse GEMM
+    # Padding rows stay zero: all-zero groups are kept at zero by MVUE.
+    assert not g[t:].any()
+
+
+def test_emulated_mvue_is_unbiased(cslt):
+    t, d_in, d_out = 32, 32, 16
+    x, w, _ = _cpu_inputs(t, d_in, d_out, torch.float16, bias=False)
+    gy = torch.randn(t, d_out, generator=torch.Generator().manual_seed(5)).to(torch.float16)
+    gen = torch.Generator().manual_seed(0)
+    n = 800
+    acc = torch.zeros(d_out, d_in, dtype=torch.float64)
+    sq = torch.zeros_like(acc)
+    for _ in range(n):
+        y = cusparselt.linear(x, w, None, mvue="exact", generator=gen, cache={"key": 0})
+        est = torch.autograd.grad(y, w, gy)[0].double()
+        acc += est
+        sq += est**2
+    mean, var = acc / n, sq / n - (acc / n) ** 2
+    exact = _f64(gy).t() @ _f64(x)
+    # Each entry's mean is within 5 standard errors (plus fp16 rounding) of the exact product.
+    bound = 5 * (var / n).sqrt() + 2e-3 * exact.abs().max()
+    assert bool(((mean - exact).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("transposable", [False, True])
+def test_emulated_fp8_forward_and_backward(cslt, transposable):
+    dtype = torch.bfloat16
+    t, d_in, d_out = 40, 64, 64
+    x, w, b = _cpu_inputs(t, d_in, d_out, dtype, transposable)
+    y = cusparselt.linear(x, w, b, fp8=True, cache={"key": 0}, transposable=transposable)
+    gy = torch.randn(t, d_out, generator=torch.Generator().manual_seed(6)).to(dtype)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), gy)
+    e4m3, e5m2 = fp8_ops.FORWARD_DTYPE, fp8_ops.BACKWARD_DTYPE
+
+    def rt(v, d):  # independent per-tensor scaled round trip: amax -> max finite
+        v = v.detach().double()
+        s = torch.finfo(d).max / v.abs().max()
+        return (v * s).to(d).double() / s
+
+    xq, wq, gq = rt(x, e4m3), rt(w, e4m3), rt(gy, e5m2)
+    _close(y, xq @ wq.t() + _f64(b), dtype, d_in)
+    _close(dx, gq @ wq, dtype, d_out)
+    _close(dw, gq.t() @ xq, dtype, t)
+    _close(db, _f64(gy).sum(0), dtype, t)  # the bias gradient is exact, as in the dense backend
+    fwd = cslt.products[0]
+    assert fwd["dtype"] == e4m3 and fwd["out"] == dtype and fwd["alpha"] in (1, d_out)
+    assert len(cslt.products) == (2 if transposable else 1)  # + the sparse input gradient
+
+
+def test_emulated_refuses_non_24_operand(cslt):
+    """The emulation can fail: compressing a dense weight is refused (real cuSPARSELt would drop values)."""
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    with pytest.raises(CusparseLtContractError, match="not 2:4"):
+        cusparselt.linear(x, w, None)
+    _, w24, _ = _cpu_inputs(8, 64, 32, torch.bfloat16)
+    with pytest.raises(CusparseLtContractError, match="not 2:4"):  # W~^T of a non-transposable mask
+        cusparselt.linear(x, w24, None, transposable=True)
+
+
+@pytest.mark.parametrize("case,expected", [("wrong", 0), ("slower", 0), ("faster", 5)])
+def test_emulated_algorithm_search_is_verified(cslt, monkeypatch, case, expected):
+    cslt.search_result = 5
+    if case == "wrong":
+        cslt.wrong_algs.add(5)
+    times = iter([1.0, 0.5] if case == "faster" else [1.0, 2.0] if case == "slower" else [1.0, 0.5])
+    monkeypatch.setattr(cusparselt, "_time_ms", lambda fn, reps=5: (fn(), next(times))[1])
+    x, w, b = _cpu_inputs(16, 64, 32, torch.bfloat16)
+    y = cusparselt.linear(x, w, b, cache={"key": 0})
+    _close(y, _f64(x) @ _f64(w).t() + _f64(b), torch.bfloat16, 64)
+    assert list(cusparselt._ALG_CACHE.values()) == [expected]
+    assert cslt.products[-1]["alg_id"] == expected
+
+
+def _sparse_layer(backend, *, transposable=False, mvue=None, fp8=False, seed=0, shape=(64, 48)):
+    method = "sr-ste" if transposable else "s-ste"
+    cfg = SparsityConfig(method=method, backend=backend, mvue=mvue, fp8=fp8, transposable=transposable, seed=1)
+    torch.manual_seed(seed)
+    return SparseLinear(*shape, config=cfg, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("transposable", [False, True])
+def test_emulated_layer_compresses_once_per_step(cslt, transposable):
+    layer = _sparse_layer("cusparselt", transposable=transposable, mvue="exact")
+    ref = _sparse_layer("dense", transposable=transposable, mvue="exact")
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 25, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    w_shapes = {(48, 64), (64, 48)}  # MVUE(dY)^T is (48, 128): 100 tokens padded to 128
+
+    def weight_compressions():
+        return sum(s in w_shapes for s in cslt.compressed)
+
+    per_step = 2 if transposable else 1
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for micro in range(2):  # gradient accumulation: W~ is compressed once for both micro-batches
+        y = layer(x)
+        y.float().pow(2).mean().backward()
+        assert weight_compressions() == per_step, micro
+    assert layer.backend_name == "cusparselt"
+    _close(y, _f64(ref(x)), torch.bfloat16, 64)
+    opt.step()
+    layer(x)
+    assert weight_compressions() == 2 * per_step  # the step changed W: compressed again
+    layer.update_mask(refresh_transposable=True)
+    layer(x)
+    # A refreshed transposable mask changes W~ and invalidates the cache; plain masks do not.
+    assert weight_compressions() == (3 * per_step if transposable else 2 * per_step)
+
+
+def test_emulated_layer_gradients_match_dense_backend(cslt):
+    layer = _sparse_layer("cusparselt")
+    ref = _sparse_layer("dense")
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(24, 64, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    for lyr in (layer, ref):
+        lyr(x).float().sin().sum().backward()
+    torch.testing.assert_close(layer.weight.grad.float(), ref.weight.grad.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(layer.bias.grad.float(), ref.bias.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_emulated_auto_fp8_needs_multiples_of_32(cslt):
+    # 48 rows: enough for a bf16 sparse GEMM (multiple of 16), not for an e4m3 one (32).
+    layer = _sparse_layer("auto", fp8=True, shape=(64, 48))
+    x = torch.randn(16, 64).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"not a multiple of 32.*float8_e4m3fn"):
+        layer(x)
+    assert layer.backend_name == "dense"
+    ok = _sparse_layer("auto", fp8=True, shape=(64, 64))
+    ok(x)
+    assert ok.backend_name == "cusparselt"
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        _sparse_layer("cusparselt", fp8=True, shape=(64, 48))(x)
+
+
+@pytest.fixture
+def fake_semi_structured(monkeypatch):
+    """`to_sparse_semi_structured` on CPU: checks what cuSPARSELt's from_dense checks, keeps the values."""
+    converted = []
+
+    def convert(w):
+        assert w.dim() == 2 and w.is_contiguous() and w.dtype in (torch.float16, torch.bfloat16)
+        assert w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0, w.shape
+        assert bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()), "not 2:4 along the last dim"
+        converted.append(tuple(w.shape))
+        return w.clone()
+
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", convert)
+    return converted
+
+
+def test_emulated_semi_structured_export_of_gpt2(cslt, fake_semi_structured):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import sparsetrain as st
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=97, n_positions=32)
+    model = GPT2LMHeadModel(cfg).eval()
+    names = st.sparsify(model, SparsityConfig(method="s-ste", targets="all", backend="dense"))
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    out = st.export(model, semi_structured=True)
+    # GPT-2's Conv1D layers come back as nn.Linear: their W~ is 2:4 along the last (input) dim.
+    for name in names:
+        assert type(out.get_submodule(name)) is torch.nn.Linear, name
+        assert not out.get_submodule(name).weight.requires_grad
+    assert len(fake_semi_structured) == len(names) == 8
+    with torch.no_grad():
+        got = out(ids).logits.float()
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)  # bf16: addmm vs linear order
+
+
+def test_emulated_semi_structured_export_keeps_odd_layers_dense(cslt, fake_semi_structured):
+    import sparsetrain as st
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 40))
+    st.sparsify(model, SparsityConfig(targets="all", backend="dense"))
+    model = model.to(torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"kept 1 layer\(s\) dense: 2 \(weight shape \(40, 48\) is not a multiple of 16"):
+        out = st.export(model, semi_structured=True)
+    assert fake_semi_structured == [(48, 64)]
+    assert isinstance(out[2], torch.nn.Linear) and out[2].weight.shape == (40, 48)
+
+
+def test_semi_structured_export_errors_on_cpu():
+    import sparsetrain as st
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    st.sparsify(model, SparsityConfig(targets="all"))
+    with pytest.raises(ValueError, match=r"semi_structured=True\) cannot run here: .*(cuSPARSELt|CUDA device)"):
+        st.export(model, semi_structured=True)
+
+
+def test_emulated_semi_structured_export_refuses_float32(cslt, fake_semi_structured):
+    import sparsetrain as st
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    st.sparsify(model, SparsityConfig(targets="all", backend="dense"))
+    with pytest.raises(ValueError, match="cannot run here: dtype float32 is not supported"):
+        st.export(model, semi_structured=True)
+    assert fake_semi_structured == []

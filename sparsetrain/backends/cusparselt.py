@@ -100,8 +100,14 @@ def can_use(weight: torch.Tensor, x: Optional[torch.Tensor] = None, dtype: Optio
 
 
 def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``t`` with zero rows appended up to a multiple of ``multiple``, always row-major.
+
+    cuSPARSELt reads a dense operand as row-major when it is contiguous and as the transpose of a
+    row-major tensor otherwise, so a strided view (a slice of hidden states, or the expanded
+    gradient of ``y.sum()``) must be copied first.
+    """
     pad = (-t.shape[0]) % multiple
-    return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+    return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t.contiguous()
 
 
 def _time_ms(fn, reps: int = 5) -> float:
@@ -145,28 +151,32 @@ def _sparse_mm(compressed, dense, *, transpose_result=False, **kw):
 
 
 def _compressed_weights(w_eff: torch.Tensor, cache: Optional[dict], need_t: bool, fp8: bool):
-    """``(W~c, W~^T c or None, fp8 scale or None)``, reused while ``cache["key"]`` is unchanged.
+    """``(W~c, W~^T c or None, fp8 scale or None, W~ as the backward sees it)``.
 
-    The layer sets ``cache["key"]`` to something that changes whenever ``W~`` does (the weight's
-    ``_version``, plus the mask step): micro-batches of one optimizer step then share one
-    compression. Without a key every call compresses.
+    Reused while ``cache["key"]`` is unchanged: the layer sets it to something that changes
+    whenever ``W~`` does (the weight's ``_version``, plus the mask step), so micro-batches of one
+    optimizer step share one compression. Without a key every call compresses. With FP8 the
+    forward multiplies by the e4m3 ``W~``, and the backward by the same values read back in the
+    GEMM dtype (the input gradient of the dense backend uses them too).
     """
     key = (cache or {}).get("key")
     entry = (cache or {}).get("cusparselt")
     if key is not None and entry is not None and entry["key"] == (key, need_t, fp8):
-        return entry["w"], entry["wt"], entry["scale"]
+        return entry["w"], entry["wt"], entry["scale"], entry["w_bwd"]
     w = w_eff.detach()
     scale = None
     if fp8:
-        wq, scale = _fp8.fp8_quantize(w, _fp8.FORWARD_DTYPE)
+        wq, scale = _fp8.fp8_quantize(w, _fp8.FORWARD_DTYPE)  # zeros stay zero: still 2:4
         wc = torch._cslt_compress(wq)
+        w_bwd = (wq.float() / scale).to(w.dtype)
     else:
-        wc = torch._cslt_compress(w.contiguous())
+        w_bwd = w.contiguous()
+        wc = torch._cslt_compress(w_bwd)
     # W~^T is compressed in the GEMM dtype (the backward runs in bf16/fp16, see `linear`).
-    wtc = torch._cslt_compress(w.t().contiguous()) if need_t else None
+    wtc = torch._cslt_compress(w_bwd.t().contiguous()) if need_t else None
     if cache is not None and key is not None:
-        cache["cusparselt"] = {"key": (key, need_t, fp8), "w": wc, "wt": wtc, "scale": scale}
-    return wc, wtc, scale
+        cache["cusparselt"] = {"key": (key, need_t, fp8), "w": wc, "wt": wtc, "scale": scale, "w_bwd": w_bwd}
+    return wc, wtc, scale, w_bwd
 
 
 def _mvue_tokens_t(dy2: torch.Tensor, method: str, generator) -> torch.Tensor:
@@ -191,7 +201,7 @@ class CuSparseLtLinearFunction(torch.autograd.Function):
         w = w_eff.to(dtype)
         gemm_dtype = _fp8.FORWARD_DTYPE if fp8 else dtype
         x2p = _pad_rows(x2, _DENSE_MULTIPLE[gemm_dtype])  # (Tp, in)
-        wc, wtc, w_scale = _compressed_weights(w, cache, transposable, fp8)
+        wc, wtc, w_scale, w_bwd = _compressed_weights(w, cache, transposable, fp8)
         if fp8:
             xq, x_scale = _fp8.fp8_quantize(x2p, _fp8.FORWARD_DTYPE)
             # One de-quantisation factor per output feature: a vector alpha is read on the device,
@@ -206,8 +216,10 @@ class CuSparseLtLinearFunction(torch.autograd.Function):
             y = _sparse_mm(wc, x2p.t(), bias=b, transpose_result=True)  # (Tp, out)
             x_saved = x2
         y = y[:t]
-        ctx.save_for_backward(x_saved, w)
+        # The dense input-gradient GEMM needs W~; with a transposable mask W~^T c replaces it.
+        ctx.save_for_backward(x_saved, None if wtc is not None else w_bwd)
         ctx.wtc = wtc
+        ctx.w_shape, ctx.dtype = w.shape, dtype
         ctx.mvue, ctx.generator, ctx.fp8 = mvue, generator, fp8
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -217,32 +229,39 @@ class CuSparseLtLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, w = ctx.saved_tensors
-        dtype = w.dtype
+        dtype = ctx.dtype
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (T, out)
-        if ctx.fp8:
-            # cuSPARSELt has no e5m2 kernels: the gradient is rounded as e5m2 would store it and the
-            # products run in bf16/fp16 (the rounding, which is what changes training, is kept).
-            dy2 = _fp8.fp8_cast_roundtrip(dy2, _fp8.BACKWARD_DTYPE)
+        db = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0).to(ctx.bias_dtype)  # exact, from the un-quantised dY (as the dense backend)
+        e4m3, e5m2 = _fp8.FORWARD_DTYPE, _fp8.BACKWARD_DTYPE
+        # cuSPARSELt has no e5m2 kernels: with FP8 its sparse products take dY rounded as e5m2
+        # would store it, in bf16/fp16; the dense ones are real FP8 GEMMs (`fp8.scaled_mm`).
+        dyq = _fp8.fp8_cast_roundtrip(dy2, e5m2) if ctx.fp8 else dy2
         t = dy2.shape[0]
-        dx = dw = db = None
+        dx = dw = None
         if ctx.needs_input_grad[0]:
             if ctx.wtc is not None:
-                dyp = _pad_rows(dy2, _DENSE_MULTIPLE[dtype])
+                dyp = _pad_rows(dyq, _DENSE_MULTIPLE[dtype])
                 dx = _sparse_mm(ctx.wtc, dyp.t(), transpose_result=True)[:t]  # (W~^T dY^T)^T = dY W~
+            elif ctx.fp8:
+                dx = _fp8.scaled_mm(dy2, w, e5m2, e4m3, out_dtype=dtype)
             else:
                 dx = dy2 @ w
             dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             if ctx.mvue is not None:
                 # Zero token rows form all-zero groups, which MVUE keeps at zero.
-                dyp = _pad_rows(dy2, _TOKEN_MULTIPLE)
+                dyp = _pad_rows(dyq, _TOKEN_MULTIPLE)
                 xp = _pad_rows(x2, _TOKEN_MULTIPLE)
                 g_t = _mvue_tokens_t(dyp, ctx.mvue, ctx.generator)  # (out, Tp), 2:4 along tokens
+                if ctx.fp8:  # an FP8 pipeline stores the sparse gradient as e5m2 too
+                    g_t = _fp8.fp8_cast_roundtrip(g_t, e5m2)
                 dw = _sparse_mm(torch._cslt_compress(g_t), xp)  # (out, Tp) @ (Tp, in)
+            elif ctx.fp8:
+                dw = _fp8.scaled_mm(dy2.t(), x2, e5m2, e4m3, out_dtype=dtype)
             else:
                 dw = dy2.t() @ x2
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None, None, None
 
 

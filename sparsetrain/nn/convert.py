@@ -153,14 +153,43 @@ def export(model: nn.Module, inplace: bool = False, semi_structured: bool = Fals
         model: a model with `SparseLinear` layers.
         inplace: swap in ``model`` itself instead of a deep copy.
         semi_structured: keep 2:4 weights as `torch.sparse.to_sparse_semi_structured` tensors for
-            fast inference (CUDA, Ampere or newer).
+            fast inference. Needs the model on an Ampere-or-newer GPU in float16/bfloat16. Layers
+            that came from ``Conv1D`` become `nn.Linear` (the 2:4 groups run along the input
+            dim, the last dim of a Linear weight); layers that cannot be stored that way (not
+            2:4, or shapes off cuSPARSELt's multiples of 16) stay dense, with one warning.
+
+    Raises:
+        ValueError: ``semi_structured=True`` where no semi-structured GEMM can run (no CUDA,
+            no cuSPARSELt, an older GPU, or a float32 model); the message says which.
+
+    Example (GPU)::
+
+        fast = export(model.half().cuda(), semi_structured=True)
     """
     out = model if inplace else copy.deepcopy(model)
-    for name, layer in sparse_layers(out):
-        dense = layer.to_dense(effective=True)
-        if semi_structured:
-            from ..backends.cusparselt import to_semi_structured
+    layers = list(sparse_layers(out))
+    if semi_structured and layers:
+        from ..backends import cusparselt
 
-            dense = to_semi_structured(dense)
-        _set_submodule(out, name, dense)
+        # Device, GPU and dtype first, on a 16 x 16 stand-in: a shape problem is one layer's.
+        ok, reason = cusparselt.can_use(layers[0][1].weight.new_zeros(16, 16))
+        if not ok:
+            raise ValueError(f"export(semi_structured=True) cannot run here: {reason}")
+    kept_dense = []
+    for name, layer in layers:
+        if not semi_structured:
+            _set_submodule(out, name, layer.to_dense(effective=True))
+            continue
+        lin = layer.to_dense(effective=True, as_linear=True)
+        try:
+            cusparselt.to_semi_structured(lin)
+        except ValueError as err:
+            kept_dense.append(f"{name} ({str(err).split(': ', 1)[-1]})")
+            lin = layer.to_dense(effective=True)
+        _set_submodule(out, name, lin)
+    if kept_dense:
+        warnings.warn(
+            f"export(semi_structured=True) kept {len(kept_dense)} layer(s) dense: {'; '.join(kept_dense)}",
+            stacklevel=2,
+        )
     return out

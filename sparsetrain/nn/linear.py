@@ -185,7 +185,9 @@ class SparseLinear(nn.Linear):
                     raise ValueError(f"`backend`='cusparselt' runs 2:4 only, got {cfg.n}:{cfg.m}. Use 'auto' or 'dense'.")
                 name = "dense"
             else:
-                name, _ = backends.select_backend(cfg.backend, self.weight, dtype)
+                # FP8 runs the sparse GEMM in e4m3, whose shape rules are stricter (multiples of 32).
+                gemm_dtype = torch.float8_e4m3fn if cfg.fp8 else dtype
+                name, _ = backends.select_backend(cfg.backend, self.weight, gemm_dtype)
             self.backend_name, self._backend_key = name, key
         return self.backend_name
 
@@ -256,12 +258,12 @@ class SparseLinear(nn.Linear):
         return flips
 
     # ----------------------------------------------------------------------------------- convert
-    def to_dense(self, effective: bool = False) -> nn.Module:
-        """A plain `nn.Linear` (or ``Conv1D`` if this layer came from one) with the dense weight W,
-        or with W~ when ``effective=True`` (what `sparsetrain.export` uses)."""
+    def to_dense(self, effective: bool = False, as_linear: bool = False) -> nn.Module:
+        """A plain `nn.Linear` (or ``Conv1D`` if this layer came from one, unless ``as_linear``)
+        with the dense weight W, or with W~ when ``effective=True`` (what `sparsetrain.export` uses)."""
         w = self.effective_weight() if effective else self.weight.detach()
         w = w.clone()
-        if self.source == "conv1d":
+        if self.source == "conv1d" and not as_linear:
             from transformers.pytorch_utils import Conv1D
 
             out = Conv1D(self.out_features, self.in_features)

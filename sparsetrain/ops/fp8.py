@@ -9,18 +9,16 @@ operands and so lets CPU tests cover the numerics.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 __all__ = [
-    "FORWARD_DTYPE",
     "BACKWARD_DTYPE",
+    "FORWARD_DTYPE",
     "FP8_DTYPES",
-    "fp8_scale",
-    "fp8_quantize",
     "fp8_cast_roundtrip",
     "fp8_gemm_supported",
+    "fp8_quantize",
+    "fp8_scale",
     "scaled_mm",
 ]
 
@@ -53,7 +51,7 @@ def fp8_scale(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.finfo(dtype).max / amax.clamp_min(_AMAX_FLOOR)
 
 
-def fp8_quantize(x: torch.Tensor, dtype: torch.dtype, scale: Optional[torch.Tensor] = None):
+def fp8_quantize(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None):
     """``(q, scale)``: ``q = (x * scale)`` cast to ``dtype`` (saturated to its finite range)."""
     if scale is None:
         scale = fp8_scale(x, dtype)
@@ -92,32 +90,57 @@ def scaled_mm(
     b: torch.Tensor,
     a_dtype: torch.dtype = FORWARD_DTYPE,
     b_dtype: torch.dtype = FORWARD_DTYPE,
-    out_dtype: Optional[torch.dtype] = None,
+    out_dtype: torch.dtype | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``a @ b`` with both operands per-tensor scaled to FP8 (``a_dtype``, ``b_dtype``).
+    """``a @ b (+ bias)`` with both operands per-tensor scaled to FP8 (``a_dtype``, ``b_dtype``).
 
-    On sm89+ this is one ``torch._scaled_mm`` call (FP8 tensor cores, float32 accumulation); it
-    needs ``b`` column-major, which ``b.t().contiguous().t()`` gives, and both inner dims multiple
-    of 16 (otherwise the simulated path runs). e5m2 x e5m2 has no FP8 kernel, so the ``a`` of a
-    backward product should be the e5m2 one and ``b`` e4m3. Elsewhere: the round-tripped operands
-    are multiplied in ``out_dtype`` (default ``a``'s dtype).
+    On sm89+ this is one ``torch._scaled_mm`` call (FP8 tensor cores, float32 accumulation)
+    unless both operands are e5m2 (cuBLASLt has no e5m2 x e5m2 kernel: in a backward product
+    ``a`` is the e5m2 gradient and ``b`` e4m3). cuBLASLt wants every dim a multiple of 16: other
+    sizes (a token count of 1000, say) are zero-padded, which changes neither the product nor
+    the amax scales, and the result is sliced back.
+    Any layout of ``a`` and ``b`` is accepted (e.g. transposed views): the quantised ``a`` is made
+    row-major and ``b`` column-major, the TN layout cuBLASLt FP8 requires. ``bias`` (shape
+    ``(N,)``) is fused into the GEMM where ``_scaled_mm`` allows it (a bf16/fp16 bias with the
+    same ``out_dtype``), otherwise added to the float32 product. Elsewhere: the round-tripped
+    operands are multiplied in float32, ``bias`` added, and the result cast to ``out_dtype``
+    (default ``a``'s dtype), which is the real path's math up to the order of float32 rounding.
     """
     _check_fp8_dtype(a_dtype)
     _check_fp8_dtype(b_dtype)
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"`a` and `b` must be 2-D and chainable, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if bias is not None and tuple(bias.shape) != (b.shape[1],):
+        raise ValueError(f"`bias` must have shape ({b.shape[1]},), got {tuple(bias.shape)}")
     out_dtype = out_dtype or a.dtype
-    real = (
-        fp8_gemm_supported(a.device)
-        and not (a_dtype == b_dtype == torch.float8_e5m2)
-        and all(d % 16 == 0 for d in (*a.shape, *b.shape))
-    )
+    real = fp8_gemm_supported(a.device) and not (a_dtype == b_dtype == torch.float8_e5m2)
     if real:
+        (m, k), n = a.shape, b.shape[1]
+        pm, pk, pn = (-m) % 16, (-k) % 16, (-n) % 16
+        if pm or pk:
+            a = torch.nn.functional.pad(a, (0, pk, 0, pm))
+        if pk or pn:
+            b = torch.nn.functional.pad(b, (0, pn, 0, pk))
+        if bias is not None and pn:
+            bias = torch.nn.functional.pad(bias, (0, pn))
         qa, sa = fp8_quantize(a, a_dtype)
         qb, sb = fp8_quantize(b, b_dtype)
-        qb = qb.t().contiguous().t()  # column-major second operand, as cuBLASLt FP8 requires
-        # _scaled_mm multiplies by scale_a * scale_b: pass the de-quantisation factors.
-        return torch._scaled_mm(qa, qb, (1.0 / sa).float(), (1.0 / sb).float(), out_dtype=out_dtype)
+        # The cast keeps its input's strides: a transposed `a` would give a column-major qa.
+        qa = qa.contiguous()  # row-major first operand
+        qb = qb.t().contiguous().t()  # column-major second operand (no copy if already so)
+        fuse = bias is not None and out_dtype in (torch.bfloat16, torch.float16) and bias.dtype == out_dtype
+        mm_dtype = out_dtype if bias is None or fuse else torch.float32
+        # _scaled_mm multiplies by scale_a * scale_b: pass the de-quantisation factors (0-dim fp32).
+        out = torch._scaled_mm(
+            qa, qb, sa.reciprocal(), sb.reciprocal(), bias=bias if fuse else None, out_dtype=mm_dtype
+        )
+        if bias is not None and not fuse:
+            out = out.add_(bias.float()).to(out_dtype)
+        return out[:m, :n] if pm or pn else out
     qa = fp8_cast_roundtrip(a.float(), a_dtype)
     qb = fp8_cast_roundtrip(b.float(), b_dtype)
-    return (qa @ qb).to(out_dtype)
+    out = qa @ qb
+    if bias is not None:
+        out = out.add_(bias.float())
+    return out.to(out_dtype)

@@ -145,7 +145,7 @@ def _compiled_core():
 
 def _disable_compile(err: Exception) -> None:
     _COMPILED["disabled"] = True
-    warnings.warn(f"mvue24: torch.compile is unavailable here ({type(err).__name__}: {err}); using eager ops")
+    warnings.warn(f"mvue24: torch.compile is unavailable here ({type(err).__name__}: {err}); using eager ops", stacklevel=3)
 
 
 def mvue24(

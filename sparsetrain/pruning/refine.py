@@ -75,7 +75,7 @@ def refine_masked(
     if solver == "gd":
         lmax = float(torch.linalg.eigvalsh(h.double()).max())
         step = 1.0 / max(lmax, 1e-12)
-        for it in range(1, steps + 1):
+        for _ in range(steps):
             v = v - step * (((v - v0) @ h) * maskf)
     else:
         r = -((v - v0) @ h) * maskf  # (out, in): negative masked gradient = residual
@@ -83,7 +83,7 @@ def refine_masked(
         rr = (r * r).sum(-1)
         stop = (_CG_RTOL ** 2) * rr
         tiny = torch.finfo(v.dtype).tiny
-        for it in range(1, steps + 1):
+        for _ in range(steps):
             ap = (p @ h) * maskf
             pap = (p * ap).sum(-1)
             active = (pap > tiny) & (rr > stop)

@@ -71,9 +71,40 @@ def _make_cli_class():
             extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
             extra.append(SparseTraining(config=cfg))
             trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+            bar = _default_progress_bar(trainer_config, extra)
+            if bar is not None:
+                extra.append(bar)
             return self._instantiate_trainer(trainer_config, extra)
 
     return SparseTrainCLI
+
+
+def _default_progress_bar(trainer_config: dict, extra: list):
+    """The progress bar Lightning would add, told that a run bounded by ``max_steps`` has no last epoch.
+
+    Lightning's rich bar labels training ``Epoch {e}/{max_epochs - 1}``, which reads "Epoch 0/-2"
+    for the recipes' endless text stream (``max_epochs=-1``). Returns None where Lightning's own
+    choice is fine: the bar disabled, one given by the user, or no `rich` (the tqdm bar).
+    """
+    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    given = list(extra) + list(trainer_config.get("callbacks") or [])
+    if not trainer_config.get("enable_progress_bar", True) or not _RICH_AVAILABLE:
+        return None
+    if any(isinstance(c, ProgressBar) for c in given):
+        return None
+
+    class StepsRichProgressBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            max_epochs = self.trainer.max_epochs
+            if max_epochs is not None and max_epochs >= 0:
+                return super()._get_train_description(current_epoch)
+            steps = self.trainer.max_steps
+            desc = f"Epoch {current_epoch}" + (f" (max {steps} steps)" if steps and steps > 0 else "")
+            return f"{desc:{len(self.validation_description)}}"
+
+    return StepsRichProgressBar()
 
 
 def run_lightning(argv: Sequence[str]):

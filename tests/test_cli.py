@@ -223,3 +223,23 @@ def test_quality_benchmark_runs(tmp_path):
                        "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "pretrain_quality.json").read_text())
     assert set(result["table"]) == {"dense", "s-ste"}
+
+
+def test_progress_bar_for_step_bounded_runs():
+    import types
+
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    from sparsetrain.cli import _default_progress_bar
+
+    assert _default_progress_bar({"enable_progress_bar": False}, []) is None
+    assert _default_progress_bar({"callbacks": [TQDMProgressBar()]}, []) is None
+    bar = _default_progress_bar({}, [])
+    if not _RICH_AVAILABLE:
+        assert bar is None  # Lightning's tqdm bar has no "/-2"
+        return
+    bar._trainer = types.SimpleNamespace(max_epochs=-1, max_steps=500)
+    assert bar._get_train_description(0).strip() == "Epoch 0 (max 500 steps)"  # not "Epoch 0/-2"
+    bar._trainer = types.SimpleNamespace(max_epochs=3, max_steps=-1)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"

@@ -269,3 +269,60 @@ def test_mvue_cuda_statistics_and_seed():
     torch.testing.assert_close(out.mean(0), g[0].float(), atol=0.03, rtol=0)
     gen2 = torch.Generator(device="cuda").manual_seed(0)
     assert torch.equal(kernels.mvue24(g, -1, "exact", gen2).float(), out)
+
+
+# ----------------------------------------------------------------------------- the layer's choice
+
+
+@pytest.mark.parametrize("method", ["ste", "sr-ste", "s-ste"])
+def test_layer_uses_kernels_when_available(monkeypatch, method):
+    """With `available` true (here: the interpreter on CPU), the layer's forward, backward and mask
+    update run the kernels and give the torch reference's results bit for bit."""
+    from sparsetrain import SparseLinear, SparsityConfig
+
+    cfg = SparsityConfig(method=method, mvue="exact", seed=3)
+    torch.manual_seed(0)
+    ref = SparseLinear(32, 16, config=cfg)
+    lay = SparseLinear(32, 16, config=cfg)
+    lay.load_state_dict(ref.state_dict())
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(1))
+    y_ref = ref(x)
+    y_ref.pow(2).sum().backward()
+    calls = []
+    for name in ("project_weight", "mvue24"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    monkeypatch.setattr(kernels, "available", lambda t: isinstance(t, torch.Tensor))
+    y = lay(x)
+    y.pow(2).sum().backward()
+    assert torch.equal(y, y_ref)
+    assert "project_weight" in calls and "mvue24" in calls
+    # The MVUE draw comes from the kernel's own RNG: same support size, not the same entries.
+    assert lay.weight.grad.shape == ref.weight.grad.shape and torch.isfinite(lay.weight.grad).all()
+    torch.testing.assert_close(lay.bias.grad, ref.bias.grad)
+    with torch.no_grad():
+        lay.weight.add_(0.01)
+        ref.weight.add_(0.01)
+    assert lay.update_mask() == ref.update_mask()
+    assert torch.equal(lay.mask, ref.mask)
+
+
+def test_layer_transposable_refresh_uses_kernel(monkeypatch):
+    from sparsetrain import SparseLinear, SparsityConfig
+
+    cfg = SparsityConfig(method="sr-ste", transposable=True, transposable_method="exact24")
+    torch.manual_seed(0)
+    ref = SparseLinear(16, 16, config=cfg)
+    lay = SparseLinear(16, 16, config=cfg)
+    lay.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        for layer in (ref, lay):
+            layer.weight.mul_(torch.linspace(0.5, 2.0, 256).view(16, 16))
+    calls = []
+    real = kernels.transposable24
+    monkeypatch.setattr(kernels, "transposable24", lambda s: calls.append(s.shape) or real(s))
+    monkeypatch.setattr(kernels, "available", lambda t: isinstance(t, torch.Tensor))
+    flips = lay.refresh_transposable_mask()
+    monkeypatch.setattr(kernels, "available", lambda t: False)
+    assert flips == ref.refresh_transposable_mask()
+    assert calls == [(16, 16)] and torch.equal(lay.mask, ref.mask)

@@ -182,3 +182,13 @@ def test_errors():
         lin.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"`blocks.3.fc.weight` holds 1 non-finite"):
         SparseLinear.from_dense(lin, SparsityConfig(), name="blocks.3.fc")
+
+
+def test_default_seeds_leave_the_global_generator_alone():
+    torch.manual_seed(123)
+    layers = [SparseLinear(8, 4, config=SparsityConfig(mvue="exact")) for _ in range(3)]
+    after_weights = torch.rand(3)
+    torch.manual_seed(123)
+    [torch.nn.Linear(8, 4) for _ in range(3)]  # the same parameter draws, no seed draws
+    assert torch.equal(torch.rand(3), after_weights)
+    assert len({layer.seed for layer in layers}) == 3  # each layer its own MVUE stream

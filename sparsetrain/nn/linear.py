@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Dict, Optional, Tuple
 
@@ -24,6 +25,16 @@ def is_conv1d(module: nn.Module) -> bool:
     except Exception:  # transformers missing or broken: no Conv1D can exist
         return False
     return isinstance(module, Conv1D)
+
+
+_LAYERS_BUILT = itertools.count()
+
+
+def _next_default_seed() -> int:
+    """An MVUE seed for a layer built without ``config.seed``: distinct per layer, reproducible
+    under `torch.manual_seed`, and drawn without advancing the global generator (so sparsifying
+    a model leaves the data order and dropout of a seeded run as they were)."""
+    return (torch.initial_seed() + 7919 * (next(_LAYERS_BUILT) + 1)) % (2**31 - 1)
 
 
 class SparseLinear(nn.Linear):
@@ -70,7 +81,7 @@ class SparseLinear(nn.Linear):
         # Plain attributes: they steer Python control flow (torch.compile guards on them).
         self.sparse_active = config.sparse
         self.source = "linear"  # or "conv1d": what `to_dense`/`export` give back
-        self.seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31 - 1, (), device="cpu"))
+        self.seed = config.seed if config.seed is not None else _next_default_seed()
         self._beta_ready = False  # a Python flag, so the forward never syncs on the beta buffer
         self._generators: Dict[str, torch.Generator] = {}
         self.backend_name = "dense"

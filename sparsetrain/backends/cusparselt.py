@@ -123,9 +123,11 @@ def _time_ms(fn, reps: int = 5) -> float:
 
 def _alg_id(compressed: torch.Tensor, dense: torch.Tensor, transpose_result: bool, **kw) -> int:
     """The algorithm for this product's shape: alg 0 unless a verified faster one was found."""
-    key = (tuple(compressed.shape), tuple(dense.shape), dense.stride(), dense.dtype, transpose_result)
+    key = (dense.device, tuple(compressed.shape), tuple(dense.shape), dense.stride(), dense.dtype, transpose_result)
     if key in _ALG_CACHE:
         return _ALG_CACHE[key]
+    if dense.is_cuda and torch.cuda.is_current_stream_capturing():
+        return 0  # the check below syncs with the host: not inside a CUDA graph capture (not cached)
     alg = 0
     if ALG_SEARCH:
         try:

@@ -418,6 +418,11 @@ def test_emulated_auto_fp8_needs_multiples_of_32(cslt):
     assert ok.backend_name == "cusparselt"
     with pytest.raises(ValueError, match="not a multiple of 32"):
         _sparse_layer("cusparselt", fp8=True, shape=(64, 48))(x)
+    # FP8 GEMMs return bf16/fp16: a float32 input falls back (auto) rather than failing.
+    f32 = _sparse_layer("auto", fp8=True, shape=(64, 64)).float()
+    with pytest.warns(UserWarning, match="dtype float32 is not supported"):
+        f32(x.float())
+    assert f32.backend_name == "dense"
 
 
 @pytest.fixture

@@ -221,7 +221,7 @@ class CuSparseLtLinearFunction(torch.autograd.Function):
         # The dense input-gradient GEMM needs W~; with a transposable mask W~^T c replaces it.
         ctx.save_for_backward(x_saved, None if wtc is not None else w_bwd)
         ctx.wtc = wtc
-        ctx.w_shape, ctx.dtype = w.shape, dtype
+        ctx.dtype = dtype
         ctx.mvue, ctx.generator, ctx.fp8 = mvue, generator, fp8
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None

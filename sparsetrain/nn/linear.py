@@ -196,8 +196,10 @@ class SparseLinear(nn.Linear):
                     raise ValueError(f"`backend`='cusparselt' runs 2:4 only, got {cfg.n}:{cfg.m}. Use 'auto' or 'dense'.")
                 name = "dense"
             else:
-                # FP8 runs the sparse GEMM in e4m3, whose shape rules are stricter (multiples of 32).
-                gemm_dtype = torch.float8_e4m3fn if cfg.fp8 else dtype
+                # FP8 runs the sparse GEMM in e4m3, whose shape rules are stricter (multiples of 32);
+                # it returns bf16/fp16, so a float32 input is judged (and refused) as float32.
+                fp8_ok = cfg.fp8 and dtype in (torch.float16, torch.bfloat16)
+                gemm_dtype = torch.float8_e4m3fn if fp8_ok else dtype
                 name, _ = backends.select_backend(cfg.backend, self.weight, gemm_dtype)
             self.backend_name, self._backend_key = name, key
         return self.backend_name

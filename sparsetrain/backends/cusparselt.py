@@ -239,7 +239,9 @@ class CuSparseLtLinearFunction(torch.autograd.Function):
         e4m3, e5m2 = _fp8.FORWARD_DTYPE, _fp8.BACKWARD_DTYPE
         # cuSPARSELt has no e5m2 kernels: with FP8 its sparse products take dY rounded as e5m2
         # would store it, in bf16/fp16; the dense ones are real FP8 GEMMs (`fp8.scaled_mm`).
-        dyq = _fp8.fp8_cast_roundtrip(dy2, e5m2) if ctx.fp8 else dy2
+        sparse_dx = ctx.needs_input_grad[0] and ctx.wtc is not None
+        sparse_dw = ctx.needs_input_grad[1] and ctx.mvue is not None
+        dyq = _fp8.fp8_cast_roundtrip(dy2, e5m2) if ctx.fp8 and (sparse_dx or sparse_dw) else dy2
         t = dy2.shape[0]
         dx = dw = None
         if ctx.needs_input_grad[0]:

@@ -3,19 +3,23 @@
 Example:
     >>> import sparsetrain as st
     >>> cfg = st.SparsityConfig(method="s-ste", n=2, m=4, targets="mlp", mvue="exact")
-    >>> names = st.sparsify(model, cfg)                      # swap layers by hand, or
-    >>> trainer = L.Trainer(callbacks=[st.SparseTraining(cfg)])
+    >>> sparsity = st.Sparsifier(model, cfg)                 # any loop: swap, then
+    >>> sparsity.attach(optimizer, max_steps=10_000)         # per-step rules on optimizer.step()
+    >>> trainer = L.Trainer(callbacks=[st.SparseTraining(cfg)])           # Lightning
+    >>> trainer = transformers.Trainer(model, args, callbacks=[st.SparseTrainerCallback(sparsity)])
 """
 
 from . import ops
-from .callbacks import SparseTraining
 from .config import SparsityConfig
+from .engine import Sparsifier
 from .nn import SparseLinear, densify, export, sparse_layers, sparsify
 
 __version__ = "0.1.0"
 
 # Heavier parts load on first use, so `import sparsetrain` stays quick for layer-only users.
 _LAZY = {
+    "SparseTraining": ("sparsetrain.callbacks", "SparseTraining"),  # imports Lightning
+    "SparseTrainerCallback": ("sparsetrain.integrations.transformers", "SparseTrainerCallback"),
     "TextDataModule": ("sparsetrain.data", "TextDataModule"),
     "CausalLMModule": ("sparsetrain.models", "CausalLMModule"),
     "pruning": ("sparsetrain.pruning", None),
@@ -34,6 +38,8 @@ def __getattr__(name):
 
 __all__ = [
     "SparsityConfig",
+    "Sparsifier",
+    "SparseTrainerCallback",
     "SparseLinear",
     "SparseTraining",
     "sparsify",

@@ -9,6 +9,7 @@ from typing import Callable, Optional, Union
 METHODS = ("dense", "ste", "sr-ste", "s-ste")
 MVUE_METHODS = (None, "exact", "approx")
 BACKENDS = ("auto", "dense", "cusparselt")
+NONFINITE_ACTIONS = ("raise", "skip")
 TARGET_PRESETS = ("mlp", "all")
 
 # A target filter receives the module and its qualified name, like torchao's `module_filter_fn`.
@@ -57,6 +58,11 @@ class SparsityConfig:
             SR-STE), so that W~^T is N:M too and the input-gradient GEMM can be sparse.
         mask_update_interval: with ``transposable``, recompute the mask every this many optimizer steps.
         transposable_method: the solver used for transposable masks (see `ops.transposable_mask`).
+        on_nonfinite: what the engine does when a target layer's gradient (before the optimizer
+            step) or weight (after it) holds NaN/inf: ``"raise"`` a `FloatingPointError` naming
+            the layer and the step, or ``"skip"`` the step (no parameter, mask or schedule moves)
+            with a warning. Under fp16 `GradScaler` an overflow is skipped by the scaler before
+            the engine sees it.
     """
 
     method: str = "s-ste"
@@ -73,6 +79,7 @@ class SparsityConfig:
     transposable: bool = False
     mask_update_interval: int = 40
     transposable_method: str = "auto"
+    on_nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -112,6 +119,10 @@ class SparsityConfig:
             raise ValueError(
                 f"Unknown `transposable_method`={self.transposable_method!r}; "
                 f"valid choices: {_fmt_choices(TRANSPOSABLE_METHODS)}"
+            )
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(
+                f"Unknown `on_nonfinite`={self.on_nonfinite!r}; valid choices: {_fmt_choices(NONFINITE_ACTIONS)}"
             )
         if self.mvue is not None and self.method == "dense":
             raise ValueError("`mvue` needs a sparse `method` ('ste', 'sr-ste' or 's-ste'), got method='dense'")

@@ -141,7 +141,7 @@ def test_resume_with_other_config_errors(tmp_path):
     _fit(tmp_path / "a", seed=0, max_epochs=1)
     model = TinyRegressor()
     cb = st.SparseTraining(method="ste", targets="all")
-    with pytest.raises(ValueError, match="trained with method='s-ste'"):
+    with pytest.raises(ValueError, match=r"trained with sparsity\.method='s-ste', this run has sparsity\.method='ste'"):
         quiet_trainer(max_epochs=2, callbacks=[cb]).fit(model, loader(), ckpt_path=str(tmp_path / "a" / "epoch=0-step=3.ckpt"))
 
 

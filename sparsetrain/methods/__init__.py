@@ -4,13 +4,16 @@
 method      forward W~                    backward dL/dW
 ==========  ===========================  ==========================================================
 ``ste``     ``P(W)`` (hard N:M)          ``dL/dW~``
-``sr-ste``  ``P(W)``                     ``dL/dW~ + srste_decay * (1 - mask) * W``
+``sr-ste``  ``P(W)``                     ``dL/dW~``, and once per optimizer step the engine adds
+                                         ``srste_decay * (1 - mask) * W`` to the gradient
 ``s-ste``   ``beta * S(W)`` (soft)       ``dL/dW~`` (straight through; not multiplied by beta)
 ``dense``   ``W``                        ``dL/dW~``
 ==========  ===========================  ==========================================================
 
 The math lives in `sparsetrain.ops.nm`; this module only picks it and wires the gradient. On CUDA
-the fused Triton kernel computes W~ and the mask in one pass.
+the fused Triton kernel computes W~ and the mask in one pass. SR-STE's decay is not here: autograd
+runs once per micro-batch on loss-scaled gradients, so the decay lives in the optimizer-step path
+of `sparsetrain.Sparsifier` (see `decay_term`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from .. import kernels
 from ..ops.nm import nm_mask, soft_threshold
 
-__all__ = ["effective_weight", "masked_weight"]
+__all__ = ["effective_weight", "masked_weight", "decay_term"]
 
 
 def masked_weight(
@@ -51,24 +54,22 @@ def masked_weight(
     return weight * mask, mask
 
 
+def decay_term(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(1 - mask) * W``: the pruned weights, which SR-STE and masked decay pull towards zero."""
+    return weight.masked_fill(mask, 0)
+
+
 class _EffectiveWeight(torch.autograd.Function):
-    """Forward: W~ of the method. Backward: straight-through, plus SR-STE's decay on pruned weights."""
+    """Forward: W~ of the method. Backward: straight-through (dL/dW = dL/dW~)."""
 
     @staticmethod
-    def forward(ctx, weight, method, n, m, beta, fixed_mask, decay):
-        ctx.decay = decay if method == "sr-ste" else 0.0
-        w_eff, mask = masked_weight(weight, method, n, m, beta, fixed_mask, need_mask=bool(ctx.decay))
-        if ctx.decay:
-            ctx.save_for_backward(weight, mask)
+    def forward(ctx, weight, method, n, m, beta, fixed_mask):
+        w_eff, _ = masked_weight(weight, method, n, m, beta, fixed_mask, need_mask=False)
         return w_eff
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.decay:
-            weight, mask = ctx.saved_tensors
-            # SR-STE: pull the pruned weights towards zero so the mask settles.
-            grad = grad + ctx.decay * weight.masked_fill(mask, 0).to(grad.dtype)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def effective_weight(
@@ -78,7 +79,6 @@ def effective_weight(
     m: int = 4,
     beta: Optional[torch.Tensor] = None,
     fixed_mask: Optional[torch.Tensor] = None,
-    srste_decay: float = 0.0,
 ) -> torch.Tensor:
     """The differentiable effective weight W~ of ``method`` (see the table in this module).
 
@@ -87,7 +87,6 @@ def effective_weight(
         method: ``"dense"``, ``"ste"``, ``"sr-ste"`` or ``"s-ste"``.
         beta: S-STE's frozen scale (0-dim tensor); required for ``"s-ste"``.
         fixed_mask: a precomputed (e.g. transposable) mask for STE / SR-STE.
-        srste_decay: lambda_W of SR-STE.
 
     Example:
         >>> w = torch.tensor([[1.0, -2.0, 3.0, 0.5]], requires_grad=True)
@@ -98,4 +97,4 @@ def effective_weight(
         return weight
     if method == "s-ste" and beta is None:
         raise ValueError("method='s-ste' needs its scale `beta`")
-    return _EffectiveWeight.apply(weight, method, n, m, beta, fixed_mask, float(srste_decay))
+    return _EffectiveWeight.apply(weight, method, n, m, beta, fixed_mask)

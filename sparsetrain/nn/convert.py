@@ -83,7 +83,8 @@ def sparse_layers(model: nn.Module) -> List[Tuple[str, SparseLinear]]:
 def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> List[str]:
     """Swap the target `nn.Linear` / `Conv1D` layers of ``model`` for `SparseLinear`, in place.
 
-    Layers whose input dim is not a multiple of ``m`` stay dense; one warning names them.
+    Layers whose input dim is not a multiple of ``m`` stay dense; one warning names them. If that
+    leaves no layer sparse, it is an error (a run that silently trains dense helps nobody).
 
     Args:
         model: any module (a `transformers` model, a LightningModule, a plain stack...).
@@ -93,7 +94,8 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> List[str
         The qualified names of the swapped layers.
 
     Raises:
-        ValueError: ``targets`` matches no layer, or a target's weights are not finite.
+        ValueError: ``targets`` matches no layer, no target's dims suit ``m``, or a target's
+            weights are not finite.
 
     Example:
         >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32), 2)
@@ -124,6 +126,12 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> List[str
         layer_cfg = config if config.seed is None else config.replace(seed=config.seed + 7919 * index)
         _set_submodule(model, name, SparseLinear.from_dense(module, layer_cfg, name=name))
         swapped.append(name)
+    if not swapped and config.sparse:
+        raise ValueError(
+            f"`targets`={config.targets!r} selects {len(targets)} layer(s) but none can be made {config.n}:{config.m} "
+            f"sparse: {', '.join(skipped[:8])}{'...' if len(skipped) > 8 else ''}. Choose an `m` that divides their "
+            f"input dims, or other `targets`."
+        )
     if skipped:
         warnings.warn(
             f"sparsify left {len(skipped)} layer(s) dense because a dim is not a multiple of "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -14,8 +15,47 @@ from .. import backends, kernels
 from ..config import SparsityConfig
 from ..methods import effective_weight, masked_weight
 from ..ops.nm import check_finite, sste_scale
+from ._packing import pack_mask, packed_numel, unpack_mask
 
-__all__ = ["SparseLinear", "is_conv1d"]
+__all__ = ["SparseLinear", "is_conv1d", "local_tensor", "mix_seed"]
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of a tensor: a DTensor's shard (FSDP2), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor gathered from all ranks (a collective), or the tensor itself."""
+    gather = getattr(t, "full_tensor", None)
+    return gather() if callable(gather) else t
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps), so (layer seed, rank, step) never collide
+    the way a linear combination can."""
+    x = 0x9E3779B97F4A7C15
+    mask = (1 << 64) - 1
+    for v in values:
+        x = (x ^ (int(v) & mask)) & mask
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        x = z ^ (z >> 31)
+    return x >> 1
+
+
+# Config fields that only an engine (`sparsetrain.Sparsifier`, or the Lightning / transformers
+# adapters built on it) acts on, with what happens without one.
+_NEEDS_ENGINE = {
+    "sr-ste": "SR-STE's decay is applied once per optimizer step by the engine; without one it trains as plain STE",
+    "masked_decay": "`masked_decay` is applied once per optimizer step by the engine; without one it does nothing",
+    "transposable": "transposable masks are refreshed by the engine; without one the mask stays as it was built",
+    "dense_finetune_from": "`dense_finetune_from` is a schedule of the engine; without one training never switches",
+}
+_WARNED_NO_ENGINE: set = set()
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -42,9 +82,12 @@ class SparseLinear(nn.Linear):
 
     The dense parameter ``weight`` is what the optimizer updates; ``W~`` (see
     `sparsetrain.methods`) is recomputed from it in every forward. The state dict keeps ``weight``
-    and ``bias`` under `nn.Linear`'s names, plus two buffers: ``beta`` (S-STE's frozen scale; NaN
-    until computed) and ``mask`` (the mask at the last optimizer step; with transposable masks,
-    the mask in use).
+    and ``bias`` under `nn.Linear`'s names, plus ``beta`` (S-STE's frozen scale; NaN until
+    computed) and, for transposable masks only, ``mask_packed`` (the mask in use, 1 bit per
+    weight). Other methods store no mask: it follows from the weights (`current_mask`).
+
+    Per-step rules (SR-STE's decay, masked decay, mask refresh, schedules) belong to an engine,
+    `sparsetrain.Sparsifier`; a layer trained without one warns once if its config needs one.
 
     Args:
         in_features: must be a multiple of ``config.m`` (groups run along the input dim).
@@ -77,7 +120,10 @@ class SparseLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.config = config
         self.register_buffer("beta", torch.full((), math.nan, device=device, dtype=torch.float32))
-        self.register_buffer("mask", torch.ones(out_features, in_features, device=device, dtype=torch.bool))
+        if config.transposable:
+            self.register_buffer(
+                "mask_packed", torch.full((packed_numel(out_features * in_features),), 255, device=device, dtype=torch.uint8)
+            )
         # Plain attributes: they steer Python control flow (torch.compile guards on them).
         self.sparse_active = config.sparse
         self.source = "linear"  # or "conv1d": what `to_dense`/`export` give back
@@ -88,6 +134,9 @@ class SparseLinear(nn.Linear):
         self._backend_key = None  # (device, dtype) the backend was chosen for
         self._backend_cache: dict = {}
         self._mask_version = 0  # bumps when beta or a transposable mask changes (keys the cache)
+        self._rank = 0  # data-parallel rank: MVUE draws differ between ranks
+        self._gen_seed: Optional[int] = None  # set by `reseed`; None: `seed` itself
+        self.engine_attached = False  # set by `sparsetrain.Sparsifier`
         self.reset_sparsity_state()
 
     # ----------------------------------------------------------------------------------- build
@@ -115,29 +164,57 @@ class SparseLinear(nn.Linear):
         layer.weight = weight
         layer.bias = module.bias
         layer.beta = torch.full((), math.nan, device=weight.device, dtype=torch.float32)
-        layer.mask = torch.ones(out_f, in_f, device=weight.device, dtype=torch.bool)
+        if config.transposable:
+            layer.mask_packed = torch.full((packed_numel(out_f * in_f),), 255, device=weight.device, dtype=torch.uint8)
         layer.source = source
         layer.reset_sparsity_state()
         return layer
 
-    def reset_sparsity_state(self) -> None:
-        """Compute beta (S-STE) and the current mask from the weights as they are now."""
+    def reset_sparsity_state(self, beta: Optional[torch.Tensor] = None) -> None:
+        """Take beta (S-STE) and a transposable mask from the weights as they are now.
+
+        ``beta`` overrides the locally computed scale (the engine passes the all-reduced one
+        under FSDP2, where this rank holds only some rows of the weight)."""
         if self.weight.is_meta:
             return
         self._mask_version += 1  # W~ may change (beta, mask): a cached compressed W~ is stale
         with torch.no_grad():
             if self.config.method == "s-ste":
-                self.beta.copy_(sste_scale(self.weight, self.config.n, self.config.m))
+                if beta is None:
+                    beta = sste_scale(local_tensor(self.weight.detach()), self.config.n, self.config.m)
+                self.beta.copy_(beta)
                 self._beta_ready = True
             if self.config.transposable:
                 self.refresh_transposable_mask()
-            elif self.config.sparse:
-                self.mask.copy_(self._current_mask())
+
+    # ----------------------------------------------------------------------------------- masks
+    @property
+    def mask(self) -> torch.Tensor:
+        """The N:M mask in use (bool, shaped like ``weight``): the stored transposable mask, or
+        the mask that follows from the current weights. Rank-local under FSDP2."""
+        if self.config.transposable:
+            return unpack_mask(self.mask_packed, local_tensor(self.weight).shape) if not self.weight.is_meta \
+                else torch.ones(self.weight.shape, dtype=torch.bool, device="meta")
+        return self.current_mask()
+
+    def current_mask(self) -> torch.Tensor:
+        """The mask W~ uses now, from one projection of the (rank-local) weights."""
+        return self.projection()[1]
+
+    @torch.no_grad()
+    def projection(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(W~, mask)`` of the sparse method from the rank-local weights, without autograd."""
+        cfg = self.config
+        weight = local_tensor(self.weight.detach())
+        if not cfg.sparse:
+            return weight, torch.ones_like(weight, dtype=torch.bool)
+        if cfg.transposable:
+            mask = unpack_mask(self.mask_packed, weight.shape)
+            return weight * mask, mask
+        w_eff, mask = masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta())
+        return w_eff, mask
 
     # ----------------------------------------------------------------------------------- forward
-    def _current_mask(self) -> torch.Tensor:
-        _, mask = masked_weight(self.weight.detach(), self.config.method, self.config.n, self.config.m, self._beta())
-        return mask
 
     def _beta(self) -> Optional[torch.Tensor]:
         if self.config.method != "s-ste":
@@ -145,7 +222,7 @@ class SparseLinear(nn.Linear):
         if not self._beta_ready:
             # Built on the meta device and filled later: the scale is taken now, once.
             with torch.no_grad():
-                self.beta.copy_(sste_scale(self.weight, self.config.n, self.config.m))
+                self.beta.copy_(sste_scale(local_tensor(self.weight.detach()), self.config.n, self.config.m))
             self._beta_ready = True
         return self.beta
 
@@ -163,24 +240,55 @@ class SparseLinear(nn.Linear):
             cfg.n,
             cfg.m,
             beta=self._beta(),
-            fixed_mask=self.mask if cfg.transposable else None,
-            srste_decay=cfg.srste_decay,
+            fixed_mask=unpack_mask(self.mask_packed, self.weight.shape) if cfg.transposable else None,
         )
 
     def effective_weight(self) -> torch.Tensor:
-        """The W~ the forward uses, detached (exactly N:M unless training has switched to dense)."""
+        """The W~ the forward uses, detached (exactly N:M unless training has switched to dense).
+
+        Under FSDP2 the weight is gathered from all ranks first (a collective: call it on every rank)."""
         with torch.no_grad():
-            return self._weight_autograd().detach()
+            weight = full_tensor(self.weight.detach())
+            if self._method() == "dense":
+                return weight
+            cfg = self.config
+            fixed = unpack_mask(self.mask_packed, weight.shape) if cfg.transposable else None
+            return masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta(), fixed, need_mask=False)[0]
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """This layer's MVUE generator on ``device`` (seeded from ``seed``; created on first use)."""
+        """This layer's MVUE generator on ``device`` (seeded from ``seed``; created on first use).
+
+        An engine re-seeds it every optimizer step from ``(seed, rank, step)`` (`reseed`), so the
+        draws are distinct per rank and a resume needs only the step."""
         key = str(device)
         gen = self._generators.get(key)
         if gen is None:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
+            gen.manual_seed(self._gen_seed if self._gen_seed is not None else self.seed)
             self._generators[key] = gen
         return gen
+
+    def reseed(self, step: int, rank: int = 0) -> None:
+        """Seed this layer's MVUE generators for optimizer step ``step`` on data-parallel ``rank``."""
+        self._rank = rank
+        self._gen_seed = mix_seed(self.seed, rank, step)
+        for gen in self._generators.values():
+            gen.manual_seed(self._gen_seed)
+
+    def _warn_without_engine(self) -> None:
+        cfg = self.config
+        needs = [key for key, on in (("sr-ste", cfg.method == "sr-ste" and cfg.srste_decay > 0),
+                                     ("masked_decay", bool(cfg.masked_decay)),
+                                     ("transposable", cfg.transposable),
+                                     ("dense_finetune_from", cfg.dense_finetune_from is not None)) if on]
+        for key in needs:
+            if key not in _WARNED_NO_ENGINE:
+                _WARNED_NO_ENGINE.add(key)
+                warnings.warn(
+                    f"{_NEEDS_ENGINE[key]}. Attach the engine: `sparsity = sparsetrain.Sparsifier(model, cfg); "
+                    f"sparsity.attach(optimizer)` (or use the SparseTraining / SparseTrainerCallback adapters).",
+                    stacklevel=3,
+                )
 
     def _choose_backend(self, x: torch.Tensor, sparse: bool) -> str:
         """The backend for this input's device and compute dtype (decided once per pair)."""
@@ -205,6 +313,8 @@ class SparseLinear(nn.Linear):
         return self.backend_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.engine_attached and torch.is_grad_enabled():
+            self._warn_without_engine()
         w = self._weight_autograd()
         bias = self.bias
         sparse = self._method() != "dense"
@@ -221,60 +331,42 @@ class SparseLinear(nn.Linear):
             bias = bias.to(dt) if bias is not None else None
         kwargs = dict(mvue=mvue, generator=self.generator(x.device) if mvue else None, fp8=fp8, cache=self._backend_cache)
         if backend == "cusparselt":
-            # W~ is compressed once per optimizer step: the cache is keyed by the weight's version.
-            self._backend_cache["key"] = (self.weight._version, self._mask_version)
+            # W~ is compressed once per optimizer step: the cache is keyed by the weight's version,
+            # and by the dtype and device W~ is computed in (`.half()` or a new autocast dtype keep
+            # the version but need a new compressed weight).
+            self._backend_cache["key"] = (self.weight._version, self._mask_version, w.dtype, w.device)
             kwargs["transposable"] = self.config.transposable
         with torch.autocast(dev, enabled=False):
             return backends.get_backend(backend).linear(x, w, bias, **kwargs)
 
-    # ----------------------------------------------------------------------------------- masks
-    @torch.no_grad()
-    def update_mask(self, refresh_transposable: bool = False) -> Tuple[int, int]:
-        """After an optimizer step: store the current mask in the ``mask`` buffer.
-
-        Transposable masks are kept as they are unless ``refresh_transposable``. Returns
-        ``(entries flipped, entries of W~ exactly zero)``, from one projection of the weights.
-        """
-        cfg = self.config
-        weight = self.weight.detach()
-        if not cfg.sparse:
-            return 0, int((weight == 0).sum())
-        if cfg.transposable:
-            flips = self.refresh_transposable_mask() if refresh_transposable else 0
-            w_eff = weight * self.mask
-        else:
-            w_eff, new = masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta())
-            flips = int((new != self.mask).sum())
-            self.mask.copy_(new)
-        return flips, int((w_eff == 0).sum())
-
     @torch.no_grad()
     def refresh_transposable_mask(self) -> int:
-        """Recompute the transposable mask from |W| (T-STE / T-SR-STE); return the flips."""
+        """Recompute the transposable mask from |W| (T-STE / T-SR-STE); return the entries flipped."""
         from ..ops.transposable import transposable_mask
 
         cfg = self.config
-        rows, cols = self.weight.shape
+        weight = local_tensor(self.weight.detach())
+        rows, cols = weight.shape
         if rows % cfg.m or cols % cfg.m:
             raise ValueError(
-                f"`transposable=True` needs both weight dims to be multiples of m={cfg.m}, got {tuple(self.weight.shape)}"
+                f"`transposable=True` needs both weight dims to be multiples of m={cfg.m}, got {tuple(weight.shape)}"
             )
-        score = self.weight.detach().abs()
+        score = weight.abs()
         if (cfg.n, cfg.m) == (2, 4) and cfg.transposable_method in ("auto", "exact24") and kernels.available(score):
             new = kernels.transposable24(score)
         else:
             new = transposable_mask(score.float(), cfg.n, cfg.m, method=cfg.transposable_method)
-        new = new.to(self.mask.device)
+        new = new.to(self.mask_packed.device)
+        old = unpack_mask(self.mask_packed, weight.shape)
         self._mask_version += 1
-        flips = int((new != self.mask).sum())
-        self.mask.copy_(new)
-        return flips
+        self.mask_packed.copy_(pack_mask(new))
+        return int((new != old).sum())
 
     # ----------------------------------------------------------------------------------- convert
     def to_dense(self, effective: bool = False, as_linear: bool = False) -> nn.Module:
         """A plain `nn.Linear` (or ``Conv1D`` if this layer came from one, unless ``as_linear``)
         with the dense weight W, or with W~ when ``effective=True`` (what `sparsetrain.export` uses)."""
-        w = self.effective_weight() if effective else self.weight.detach()
+        w = self.effective_weight() if effective else full_tensor(self.weight.detach())
         w = w.clone()
         if self.source == "conv1d" and not as_linear:
             from transformers.pytorch_utils import Conv1D
@@ -286,12 +378,23 @@ class SparseLinear(nn.Linear):
             out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
             out.weight.data = w
         if self.bias is not None:
-            out.bias.data = self.bias.detach().clone()
+            out.bias.data = full_tensor(self.bias.detach()).clone()
         out.weight.requires_grad_(self.weight.requires_grad)
         return out
 
+    def _apply(self, fn, *args, **kwargs):
+        # `.to()`, `.half()`, `.cuda()`: the compressed W~ and the backend choice belong to the old
+        # dtype / device (the weight's `_version` does not change with them).
+        self._backend_cache.clear()
+        self._backend_key = None
+        return super()._apply(fn, *args, **kwargs)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        legacy = state_dict.pop(prefix + "mask", None)  # checkpoints before 0.2 stored a bool mask
+        if legacy is not None and self.config.transposable and prefix + "mask_packed" not in state_dict:
+            state_dict[prefix + "mask_packed"] = pack_mask(legacy.to(torch.bool))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._mask_version += 1
         if self.config.method == "s-ste" and prefix + "beta" in state_dict:
             self._beta_ready = bool(torch.isfinite(self.beta))
         self._backend_cache.clear()  # a cached compressed weight belongs to the old weights

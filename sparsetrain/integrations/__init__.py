@@ -1,0 +1,1 @@
+"""Adapters of `sparsetrain.Sparsifier` for training frameworks (imported on first use)."""

@@ -212,3 +212,16 @@ def test_default_seeds_leave_the_global_generator_alone():
     [torch.nn.Linear(8, 4) for _ in range(3)]  # the same parameter draws, no seed draws
     assert torch.equal(torch.rand(3), after_weights)
     assert len({layer.seed for layer in layers}) == 3  # each layer its own MVUE stream
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (8, 16), (7, 13)])
+def test_mask_packing_is_one_bit_per_entry(shape):
+    from sparsetrain.nn._packing import pack_mask, unpack_mask
+
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) > 0.5
+    packed = pack_mask(mask)
+    flat = mask.reshape(-1).tolist()
+    # reference: byte i holds entries 8i..8i+7, entry 8i+k in bit k
+    expect = [sum(1 << k for k in range(8) if 8 * i + k < len(flat) and flat[8 * i + k]) for i in range((len(flat) + 7) // 8)]
+    assert packed.dtype == torch.uint8 and packed.tolist() == expect
+    assert torch.equal(unpack_mask(packed, shape), mask)

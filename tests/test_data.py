@@ -124,10 +124,11 @@ def test_single_document_holds_out_the_tail(tmp_path):
     pattern = _write_docs(tmp_path / "one", [text])
     dm = TextDataModule(files=pattern, block_size=16, batch_size=2, val_fraction=0.1, cache_dir=str(tmp_path / "c"))
     dm.setup()
-    stream = list(text.encode()) + [256]
-    n_val = round(len(stream) * 0.1)
-    assert dm.split_tokens("val").tolist() == stream[-n_val:]
-    assert dm.split_tokens("train").tolist() == stream[:-n_val]
+    stream = list(text.encode()) + [256]  # 1001 tokens
+    # Validation takes the last 10% of the stream (100 tokens), test the 5% (50 tokens) before it.
+    assert dm.split_tokens("val").tolist() == stream[901:]
+    assert dm.split_tokens("test").tolist() == stream[851:901]
+    assert dm.split_tokens("train").tolist() == stream[:851]
 
 
 # ----------------------------------------------------------------------------- cache
@@ -171,7 +172,9 @@ def test_default_corpus_is_the_sorted_stdlib(tmp_path):
     dm.setup()
     tok = ByteTokenizer()
     texts = [f.read_bytes().decode("utf-8", errors="replace") for f in files[:20]]
-    docs = tok.decode(dm.split_tokens("train").tolist()).split(EOT_TEXT)[:-1]
+    # Train then test: with no document hashed to test, the test split is the training stream's tail.
+    train_test = np.concatenate([dm.split_tokens("train"), dm.split_tokens("test")]).tolist()
+    docs = tok.decode(train_test).split(EOT_TEXT)[:-1]
     docs += tok.decode(dm.split_tokens("val").tolist()).split(EOT_TEXT)[:-1]
     assert sorted(docs) == sorted(texts)
     capped = TextDataModule(max_files=20, max_bytes=5000, block_size=32, batch_size=4, cache_dir=str(tmp_path))

@@ -351,3 +351,27 @@ def test_no_test_split_is_an_error_for_test(tmp_path):
     assert len(dm.split_tokens("test")) == 0
     with pytest.raises(ValueError, match=r"`test_fraction` is 0, so there is no test split.*--data.test_fraction"):
         dm.test_dataloader()
+
+
+def test_checkpoint_state_carries_the_trained_bpe(tmp_path):
+    texts = [f"def f{i}(x):\n    return x * {i}\n" * 5 for i in range(40)]
+    pattern = _write_docs(tmp_path / "docs", texts)
+    kw = dict(files=pattern, tokenizer="bpe", block_size=8, batch_size=2)
+    a = TextDataModule(cache_dir=str(tmp_path / "c1"), bpe_vocab_size=300, **kw)
+    a.setup()
+    state = a.state_dict()
+    from sparsetrain.data.tokenizer import bpe_from_json
+
+    copy = bpe_from_json(state["tokenizer_json"])
+    for text in texts[:5] + SAMPLES:
+        assert copy.encode(text) == a.tokenizer.encode(text)
+    # Byte-level: nothing to carry.
+    assert TextDataModule(files=pattern, block_size=8, batch_size=2, cache_dir=str(tmp_path / "c1")).state_dict() == {}
+    # Resuming with the same tokenizer is fine; with another one (a rebuilt cache) it is an error.
+    same = TextDataModule(cache_dir=str(tmp_path / "c1"), bpe_vocab_size=300, **kw)
+    same.setup()
+    same.load_state_dict(state)
+    other = TextDataModule(cache_dir=str(tmp_path / "c2"), bpe_vocab_size=280, **kw)
+    other.setup()
+    with pytest.raises(ValueError, match="another BPE tokenizer"):
+        other.load_state_dict(state)

@@ -349,8 +349,20 @@ class TextDataModule(L.LightningDataModule):
         return {"tokenizer_json": text} if text is not None else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # The tokenizer itself is rebuilt from the cache on resume; the copy serves `export`.
-        self.saved_tokenizer_json = state_dict.get("tokenizer_json")
+        """Keep the checkpoint's tokenizer copy; refuse to resume with a different trained BPE.
+
+        The tokenizer in use is rebuilt from the cache (or retrained) before a resume restores this
+        state; one that differs from the checkpoint's would give the same text other ids.
+        """
+        saved = state_dict.get("tokenizer_json")
+        self.saved_tokenizer_json = saved
+        tok = self._tokenizer
+        current = tok.to_json() if tok is not None and hasattr(tok, "to_json") else None
+        if saved is not None and current is not None and saved != current:
+            raise ValueError(
+                f"The checkpoint was trained with another BPE tokenizer than the one now in use ({tok.name}); "
+                "the tokenizer cache was rebuilt since. Resume with the same `cache_dir`, or start a new run"
+            )
 
     def tokens_per_epoch(self) -> int:
         """Training tokens in one pass over the training split."""

@@ -191,6 +191,7 @@ _USAGE = """usage: sparsetrain {fit,validate,test,export,prune,report} ...
   fit | validate | test   train or evaluate a recipe:  sparsetrain fit --config recipes/tiny-s-ste.yaml
   export                  sparsetrain export --ckpt CKPT --out DIR  (transformers save_pretrained, N:M weights)
   prune                   one-shot N:M pruning of a trained model (sparsetrain prune --help)
+  report                  sparsetrain report RUN_DIR [RUN_DIR ...] [--dense RUN_DIR]  (curves PNG, final numbers)
 
 Run `sparsetrain SUBCOMMAND --help` for the options of one subcommand."""
 

@@ -58,7 +58,8 @@ def sparsity_metadata(hf_model, layer_names: list[str], cfg: Optional[dict], glo
     Keys: ``method``, ``n``, ``m``, ``targets`` (the rule the layers were chosen by), ``layers`` (the
     sparse layers' names in the exported model), ``zero_fraction`` (zeros over all weights of those
     layers), ``layer_zero_fraction`` (per layer), ``nm_verified`` (every group of ``m`` along the input
-    dim holds at most ``n`` non-zeros; export refuses to write otherwise) and ``global_step``.
+    dim holds at most ``n`` non-zeros; export refuses to write otherwise; False when there is no sparse
+    layer) and ``global_step``.
     A dense run has ``method`` ``"dense"`` and no layers.
     """
     cfg = cfg or {"method": "dense", "n": None, "m": None, "targets": None}
@@ -78,7 +79,7 @@ def sparsity_metadata(hf_model, layer_names: list[str], cfg: Optional[dict], glo
         "layers": list(per_layer),
         "zero_fraction": zeros / total if total else 0.0,
         "layer_zero_fraction": per_layer,
-        "nm_verified": sparse,
+        "nm_verified": bool(per_layer),
         "global_step": global_step,
     }
 

@@ -105,6 +105,13 @@ def find_logs(run_dir: str, merge_versions: bool = False) -> list[Path]:
     return order if merge_versions else [order[-1]]
 
 
+def _number(value: str, path: Path, line: int, column: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ReportError(f"{str(path)!r} line {line}: column {column!r} holds {value!r}, not a number") from None
+
+
 def read_metrics(paths: Sequence[Path]) -> dict[str, list[tuple[int, float]]]:
     """Every metric column of the CSV log(s) as step-sorted ``(step, value)`` lists; empty cells skipped.
 
@@ -119,11 +126,11 @@ def read_metrics(paths: Sequence[Path]) -> dict[str, list[tuple[int, float]]]:
             for row in reader:
                 if not row.get("step"):
                     continue
-                step = int(float(row["step"]))
+                step = int(_number(row["step"], path, reader.line_num, "step"))
                 for key, value in row.items():
                     if key in ("step", "epoch") or key is None or value in (None, ""):
                         continue
-                    merged.setdefault(key, {})[step] = float(value)
+                    merged.setdefault(key, {})[step] = _number(value, path, reader.line_num, key)
     return {k: sorted(v.items()) for k, v in merged.items()}
 
 

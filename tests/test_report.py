@@ -138,6 +138,8 @@ def _csv(folder: Path, text: str) -> None:
     ("empty", lambda d: (d / "checkpoints").mkdir(parents=True), r"no CSV log \(metrics.csv\) under '.*empty'"),
     ("other", lambda d: _csv(d, "a,b\n1,2\n"), r"is not a Lightning CSV log: it has no 'step' column"),
     ("foreign", lambda d: _csv(d, "step,acc\n1,0.5\n"), r"holds none of train/loss"),
+    ("garbled", lambda d: _csv(d, "step,train/loss\n1,2.5\n2,oops\n"),
+     r"metrics.csv' line 3: column 'train/loss' holds 'oops', not a number"),
 ])
 def test_report_errors_are_one_line(tmp_path, capsys, name, make, message):
     make(tmp_path / name)

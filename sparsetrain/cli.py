@@ -21,12 +21,14 @@ of the recipe's `ModelCheckpoint`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
+
+# The export lives in `hub` (light to import); re-exported for `from sparsetrain.cli import export_checkpoint`.
+from .hub import export_checkpoint, nm_violations  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO_ROOT / "recipes" / "tiny-s-ste.yaml"
@@ -164,59 +166,6 @@ def load_module_from_checkpoint(ckpt_path: str):
     return module, ckpt
 
 
-def nm_violations(weight, n: int, m: int) -> int:
-    """Groups of ``m`` consecutive weights along the input dim with more than ``n`` non-zeros.
-
-    ``weight`` is ``(out, in)`` (an `nn.Linear` layout).
-    """
-    out_f, in_f = weight.shape
-    groups = (weight != 0).reshape(out_f, in_f // m, m)  # (out, in/m, m)
-    return int((groups.sum(-1) > n).sum())
-
-
-def export_checkpoint(ckpt_path: str, out_dir: str) -> dict:
-    """Write a `transformers` ``save_pretrained`` directory holding the effective (N:M) weights.
-
-    Every swapped layer is checked to be exactly N:M before anything is written. Next to the model
-    files, ``sparsetrain.json`` records the sparsity config, the checked layers and the data settings
-    (which tokenizer the model expects).
-
-    Returns:
-        The content of ``sparsetrain.json``.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    from .nn import export, sparse_layers
-
-    module, ckpt = load_module_from_checkpoint(ckpt_path)
-    layers = {name.removeprefix("model."): layer for name, layer in sparse_layers(module)}
-    cfg = ckpt.get("sparsity_config")
-    hf_model = export(module.model)
-    checked = []
-    if cfg is not None and cfg["method"] != "dense":
-        n, m = cfg["n"], cfg["m"]
-        for name in layers:
-            sub = hf_model.get_submodule(name)
-            w = sub.weight.detach()
-            w = w.t() if isinstance(sub, Conv1D) else w  # Conv1D stores (in, out)
-            bad = nm_violations(w, n, m)
-            if bad:
-                raise RuntimeError(f"Exported layer {name} breaks {n}:{m} sparsity in {bad} group(s)")
-            checked.append(name)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf_model.save_pretrained(out)
-    info = {
-        "checkpoint": str(Path(ckpt_path).resolve()),
-        "global_step": ckpt.get("global_step"),
-        "sparsity_config": cfg,
-        "nm_checked_layers": checked,
-        "data": _clean_hparams(dict(ckpt.get("datamodule_hyper_parameters", {}))),
-    }
-    (out / "sparsetrain.json").write_text(json.dumps(info, indent=1, default=str))
-    return info
-
-
 def _export_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="sparsetrain export",
@@ -229,21 +178,20 @@ def _export_main(argv: Sequence[str]) -> int:
         info = export_checkpoint(args.ckpt, args.out)
     except ValueError as e:
         p.error(str(e))
-    n_layers = len(info["nm_checked_layers"])
-    cfg = info["sparsity_config"]
-    what = f"{n_layers} layer(s) checked {cfg['n']}:{cfg['m']}" if n_layers else "dense model"
-    print(f"Exported step {info['global_step']} to {args.out} ({what}). Load it with "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    from .hub import export_summary
+
+    print(export_summary(info, args.out))
     return 0
 
 
 # ---------------------------------------------------------------------------------------- main
 
-_USAGE = """usage: sparsetrain {fit,validate,test,export,prune} ...
+_USAGE = """usage: sparsetrain {fit,validate,test,export,prune,report} ...
 
   fit | validate | test   train or evaluate a recipe:  sparsetrain fit --config recipes/tiny-s-ste.yaml
   export                  sparsetrain export --ckpt CKPT --out DIR  (transformers save_pretrained, N:M weights)
   prune                   one-shot N:M pruning of a trained model (sparsetrain prune --help)
+  report                  sparsetrain report RUN_DIR [RUN_DIR ...] [--dense RUN_DIR]  (curves PNG, final numbers)
 
 Run `sparsetrain SUBCOMMAND --help` for the options of one subcommand."""
 
@@ -257,6 +205,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = argv[0]
     if cmd == "export":
         return _export_main(argv[1:])
+    if cmd == "report":
+        from .report import main as report_main
+
+        return report_main(argv[1:])
     if cmd == "prune":
         from .pruning.cli import main as prune_main  # another part of the package; loaded only when asked
 

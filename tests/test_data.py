@@ -124,10 +124,11 @@ def test_single_document_holds_out_the_tail(tmp_path):
     pattern = _write_docs(tmp_path / "one", [text])
     dm = TextDataModule(files=pattern, block_size=16, batch_size=2, val_fraction=0.1, cache_dir=str(tmp_path / "c"))
     dm.setup()
-    stream = list(text.encode()) + [256]
-    n_val = round(len(stream) * 0.1)
-    assert dm.split_tokens("val").tolist() == stream[-n_val:]
-    assert dm.split_tokens("train").tolist() == stream[:-n_val]
+    stream = list(text.encode()) + [256]  # 1001 tokens
+    # Validation takes the last 10% of the stream (100 tokens), test the 5% (50 tokens) before it.
+    assert dm.split_tokens("val").tolist() == stream[901:]
+    assert dm.split_tokens("test").tolist() == stream[851:901]
+    assert dm.split_tokens("train").tolist() == stream[:851]
 
 
 # ----------------------------------------------------------------------------- cache
@@ -171,7 +172,9 @@ def test_default_corpus_is_the_sorted_stdlib(tmp_path):
     dm.setup()
     tok = ByteTokenizer()
     texts = [f.read_bytes().decode("utf-8", errors="replace") for f in files[:20]]
-    docs = tok.decode(dm.split_tokens("train").tolist()).split(EOT_TEXT)[:-1]
+    # Train then test: with no document hashed to test, the test split is the training stream's tail.
+    train_test = np.concatenate([dm.split_tokens("train"), dm.split_tokens("test")]).tolist()
+    docs = tok.decode(train_test).split(EOT_TEXT)[:-1]
     docs += tok.decode(dm.split_tokens("val").tolist()).split(EOT_TEXT)[:-1]
     assert sorted(docs) == sorted(texts)
     capped = TextDataModule(max_files=20, max_bytes=5000, block_size=32, batch_size=4, cache_dir=str(tmp_path))
@@ -258,3 +261,117 @@ def test_missing_files_name_the_pattern(tmp_path):
     dm = TextDataModule(files=str(tmp_path / "nothing*.txt"), cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="`files` pattern"):
         dm.setup()
+
+
+# ----------------------------------------------------------------------------- tokenizers as transformers
+
+def test_byte_tokenizer_as_transformers_covers_every_byte():
+    hf = ByteTokenizer().to_transformers()
+    # Code points up to U+07FF plus 3- and 4-byte characters: every byte value a UTF-8 text can hold.
+    text = "".join(chr(i) for i in range(0x800)) + "€ ✓ 日本 🚀 \U0010FFFF"
+    expected = list(text.encode("utf-8"))
+    assert set(range(0x80)) | set(range(0x80, 0xC0)) | set(range(0xC2, 0xE0)) <= set(expected)
+    ids = hf(text, add_special_tokens=False)["input_ids"]
+    assert ids == expected
+    assert hf.decode(ids) == text
+    assert len(hf) == 257 and hf.eos_token_id == 256 and hf.pad_token_id == 256
+
+
+def test_trained_bpe_as_transformers_matches(tmp_path):
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(max_files=12)]
+    tok = train_bpe(texts, vocab_size=350, path=tmp_path / "bpe.json")
+    hf = tok.to_transformers()
+    for text in SAMPLES + [texts[5][:3000], "x" + EOT_TEXT + "y"]:
+        ids = hf(text, add_special_tokens=False)["input_ids"]
+        assert ids == tok.encode(text)
+        assert hf.decode(ids) == tok.decode(ids)
+    assert hf.eos_token_id == tok.eot_id
+
+
+# ----------------------------------------------------------------------------- the test split
+
+def test_default_settings_hold_out_a_test_split_disjoint_from_validation(tmp_path):
+    # Every document is unique, so a document seen in two splits would show up as a shared string.
+    texts = [f"doc {i}: " + "lorem ipsum " * (i % 7 + 1) + "\n" for i in range(300)]
+    pattern = _write_docs(tmp_path / "docs", texts)
+    dm = TextDataModule(files=pattern, block_size=16, batch_size=2, cache_dir=str(tmp_path / "c"))
+    assert dm.test_fraction > 0  # the default
+    dm.setup("test")
+    tok = ByteTokenizer()
+    found = {s: tok.decode(dm.split_tokens(s).tolist()).split(EOT_TEXT)[:-1] for s in ("train", "val", "test")}
+    assert not dm.meta["tail_split"]  # 300 documents: every split is whole documents
+    assert len(found["test"]) > 0 and len(found["val"]) > 0
+    assert not set(found["test"]) & set(found["val"])
+    assert not set(found["test"]) & set(found["train"])
+    assert sorted(sum(found.values(), [])) == sorted(texts)
+    # The test loader reads the test stream, not the validation one: every target block is a slice of it.
+    test_stream = dm.split_tokens("test").tolist()
+    n = 0
+    for x, y in dm.test_dataloader():
+        for xi, yi in zip(x.tolist(), y.tolist()):
+            start = n * 16
+            assert xi == test_stream[start:start + 16] and yi == test_stream[start + 1:start + 17]
+            n += 1
+    assert n == (len(test_stream) - 1) // 16
+
+
+def test_test_subcommand_reports_the_test_split(tmp_path):
+    """`trainer.test` logs `test/loss` over the test blocks: recomputed with a plain loop, not the val loss."""
+    from sparsetrain.models import CausalLMModule
+
+    from lightning_helpers import quiet_trainer
+
+    dm = TextDataModule(max_files=60, max_bytes=400_000, block_size=32, batch_size=4, max_val_blocks=6,
+                        cache_dir=str(tmp_path / "c"))
+    dm.setup("test")
+    torch.manual_seed(0)
+    model = CausalLMModule(vocab_size=dm.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32).eval()
+
+    def loss_over(split):
+        blocks = dm.blocks(split)
+        idx = np.linspace(0, len(blocks) - 1, 6).round().astype(int).tolist()  # max_val_blocks evenly spaced
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in idx:
+                x, y = blocks[i]
+                logits = model.model(input_ids=x[None]).logits[0]  # (T, padded vocab), as training sees it
+                total += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+                count += y.numel()
+        return total / count
+
+    (result,) = quiet_trainer().test(model, datamodule=dm, verbose=False)
+    assert result["test/loss"] == pytest.approx(loss_over("test"), rel=1e-5)
+    assert result["test/loss"] != pytest.approx(loss_over("val"), rel=1e-3)
+
+
+def test_no_test_split_is_an_error_for_test(tmp_path):
+    pattern = _write_docs(tmp_path / "docs", [f"document {i}\n" * 20 for i in range(30)])
+    dm = TextDataModule(files=pattern, block_size=8, batch_size=2, test_fraction=0.0, cache_dir=str(tmp_path / "c"))
+    dm.setup("test")
+    assert len(dm.split_tokens("test")) == 0
+    with pytest.raises(ValueError, match=r"`test_fraction` is 0, so there is no test split.*--data.test_fraction"):
+        dm.test_dataloader()
+
+
+def test_checkpoint_state_carries_the_trained_bpe(tmp_path):
+    texts = [f"def f{i}(x):\n    return x * {i}\n" * 5 for i in range(40)]
+    pattern = _write_docs(tmp_path / "docs", texts)
+    kw = dict(files=pattern, tokenizer="bpe", block_size=8, batch_size=2)
+    a = TextDataModule(cache_dir=str(tmp_path / "c1"), bpe_vocab_size=300, **kw)
+    a.setup()
+    state = a.state_dict()
+    from sparsetrain.data.tokenizer import bpe_from_json
+
+    copy = bpe_from_json(state["tokenizer_json"])
+    for text in texts[:5] + SAMPLES:
+        assert copy.encode(text) == a.tokenizer.encode(text)
+    # Byte-level: nothing to carry.
+    assert TextDataModule(files=pattern, block_size=8, batch_size=2, cache_dir=str(tmp_path / "c1")).state_dict() == {}
+    # Resuming with the same tokenizer is fine; with another one (a rebuilt cache) it is an error.
+    same = TextDataModule(cache_dir=str(tmp_path / "c1"), bpe_vocab_size=300, **kw)
+    same.setup()
+    same.load_state_dict(state)
+    other = TextDataModule(cache_dir=str(tmp_path / "c2"), bpe_vocab_size=280, **kw)
+    other.setup()
+    with pytest.raises(ValueError, match="another BPE tokenizer"):
+        other.load_state_dict(state)

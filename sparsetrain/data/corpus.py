@@ -28,7 +28,7 @@ from .tokenizer import iter_chunks
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a corpus with no test document holds out the end of the stream for test
 SPLITS = ("train", "val", "test")
 
 
@@ -101,19 +101,26 @@ def build_corpus(
     if index == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError("The corpus has no documents; check `files`, `hf_dataset` or `max_files`/`max_bytes`")
-    tail_split = False
-    if counts["val"] == 0 and val_fraction > 0:
-        # Hashing documents cannot split a corpus of one file; hold out the end of the stream instead.
-        n_val = max(1, int(round(counts["train"] * val_fraction)))
+    tail_split = []
+    total = counts["train"]
+    for split, fraction in (("val", val_fraction), ("test", test_fraction)):
+        if counts[split] > 0 or fraction == 0:
+            continue
+        # Hashing documents cannot split a corpus of a few files; hold out the end of the training
+        # stream instead (validation takes the very end, test the part before it), so the splits
+        # still share no token position.
+        n_take = max(1, int(round(total * fraction)))
         train = np.fromfile(tmp / "train.bin", dtype=dtype)
-        train[-n_val:].tofile(tmp / "val.bin")
-        train[:-n_val].tofile(tmp / "train.bin")
-        counts["train"] -= n_val
-        counts["val"] = n_val
-        tail_split = True
+        if n_take >= len(train):
+            break  # nothing left to train on; setup reports the empty split
+        train[-n_take:].tofile(tmp / f"{split}.bin")
+        train[:-n_take].tofile(tmp / "train.bin")
+        counts["train"] -= n_take
+        counts[split] = n_take
+        tail_split.append(split)
         log.warning(
-            "Only %d document(s): the validation split is the last %.1f%% of the token stream instead of "
-            "whole documents.", index, 100 * val_fraction,
+            "Only %d document(s) and none hashed to %s: the %s split is %.1f%% of the token stream cut from "
+            "the end of the training split instead of whole documents.", index, split, split, 100 * fraction,
         )
     meta = {
         "dtype": dtype.name,

@@ -120,7 +120,8 @@ class TextDataModule(L.LightningDataModule):
         block_size: tokens per training example (the model's context length).
         batch_size: examples per batch (per device).
         val_fraction: expected fraction of documents held out for validation.
-        test_fraction: expected fraction held out for testing; 0 makes ``test`` use the validation split.
+        test_fraction: expected fraction of documents held out for testing (``sparsetrain test``),
+            disjoint from the validation documents. 0 means no test split, and ``test`` then fails.
         split_seed: seeds the document split (change it to get another split of the same corpus).
         seed: seeds the order of training blocks.
         max_val_blocks: evaluate on at most this many validation blocks (evenly spaced, always the same ones).
@@ -146,7 +147,7 @@ class TextDataModule(L.LightningDataModule):
         block_size: int = 256,
         batch_size: int = 16,
         val_fraction: float = 0.05,
-        test_fraction: float = 0.0,
+        test_fraction: float = 0.05,
         split_seed: int = 1337,
         seed: int = 1337,
         max_val_blocks: Optional[int] = None,
@@ -183,6 +184,7 @@ class TextDataModule(L.LightningDataModule):
         self.max_val_blocks, self.num_workers = max_val_blocks, num_workers
         self.cache_dir = _corpus.default_cache_dir(cache_dir)
         self._tokenizer = None
+        self.saved_tokenizer_json: Optional[str] = None
         self._streams: Optional[dict[str, np.ndarray]] = None
         self.meta: Optional[dict] = None
         self.save_hyperparameters()
@@ -283,11 +285,6 @@ class TextDataModule(L.LightningDataModule):
                 f"The validation split has {len(self._streams['val'])} tokens, fewer than one block of "
                 f"`block_size`={self.block_size} + 1; raise `val_fraction` or use more data"
             )
-        if self.test_fraction > 0 and len(self._streams["test"]) < need:
-            raise ValueError(
-                f"The test split has {len(self._streams['test'])} tokens, fewer than one block of "
-                f"`block_size`={self.block_size} + 1; raise `test_fraction` or use more data"
-            )
 
     def split_tokens(self, split: str) -> np.ndarray:
         """The memory-mapped token stream of ``split`` ('train', 'val' or 'test')."""
@@ -326,10 +323,46 @@ class TextDataModule(L.LightningDataModule):
         return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
+        # Checked here rather than in `setup`: only `test` needs the split, and a tiny corpus may train without one.
         if self.test_fraction == 0.0:
-            log.info("`test_fraction` is 0: testing on the validation split")
-            return self._eval_loader("val")
+            raise ValueError(
+                "`test_fraction` is 0, so there is no test split to evaluate; set `--data.test_fraction 0.05` "
+                "(the default), or use `validate` for the validation split"
+            )
+        n = len(self.split_tokens("test"))
+        if n < self.block_size + 1:
+            raise ValueError(
+                f"The test split has {n} tokens, fewer than one block of `block_size`={self.block_size} + 1; "
+                "raise `test_fraction` or use more data"
+            )
         return self._eval_loader("test")
+
+    # ----------------------------------------------------------------------------- checkpoint state
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to rebuild the tokenizer elsewhere: a locally trained BPE, serialised.
+
+        Other tokenizers are rebuilt from the hyper-parameters (``byte``) or their name or path.
+        """
+        tok = self._tokenizer
+        text = tok.to_json() if tok is not None and hasattr(tok, "to_json") else None
+        return {"tokenizer_json": text} if text is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Keep the checkpoint's tokenizer copy; refuse to resume with a different trained BPE.
+
+        The tokenizer in use is rebuilt from the cache (or retrained) before a resume restores this
+        state; one that differs from the checkpoint's would give the same text other ids.
+        """
+        saved = state_dict.get("tokenizer_json")
+        self.saved_tokenizer_json = saved
+        tok = self._tokenizer
+        current = tok.to_json() if tok is not None and hasattr(tok, "to_json") else None
+        if saved is not None and current is not None and saved != current:
+            raise ValueError(
+                f"The checkpoint was trained with another BPE tokenizer than the one now in use ({tok.name}); "
+                "the tokenizer cache was rebuilt since. Resume with the same `cache_dir`, or start a new run"
+            )
 
     def tokens_per_epoch(self) -> int:
         """Training tokens in one pass over the training split."""

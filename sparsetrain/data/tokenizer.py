@@ -1,7 +1,7 @@
 """Tokenizers for pre-training: byte-level (no download), a Hugging Face tokenizer, or a local BPE.
 
 All three share one small interface (`encode_batch`, `decode`, `vocab_size`, `eot_id`,
-`fingerprint`) so the data module does not care which one it holds. The fingerprint names the
+`fingerprint`, `to_transformers`) so the data module does not care which one it holds. The fingerprint names the
 tokenizer in the corpus-cache key: two tokenizers with the same fingerprint must produce the same ids.
 
 Example:
@@ -17,13 +17,30 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 EOT_TEXT = "<|endoftext|>"
+
+
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte value (the ``ByteLevel`` alphabet).
+
+    Bytes that are visible, non-space Latin-1 characters stand for themselves; the other 68 are
+    given the code points 256, 257, ... in byte order. This is the mapping `tokenizers`' ``ByteLevel``
+    pre-tokenizer and decoder apply, so a vocabulary written with it is read back byte for byte.
+    """
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in visible}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 class ByteTokenizer:
@@ -60,6 +77,31 @@ class ByteTokenizer:
                 raise ValueError(f"`ids` holds {i}, outside the byte vocabulary [0, {self.vocab_size})")
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
+
+    def to_transformers(self):
+        """The same tokenizer as a `transformers` fast tokenizer, for ``save_pretrained``.
+
+        A BPE with the 256 byte symbols as its vocabulary (id = byte value) and no merges, behind
+        `tokenizers`' ``ByteLevel`` pre-tokenizer and decoder, plus `EOT_TEXT` as id 256. It encodes
+        every string to its UTF-8 bytes, as `encode` does: ``split_special_tokens`` makes a literal
+        ``"<|endoftext|>"`` in the text come out as its 13 bytes, not as the end-of-text id.
+        """
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        table = _byte_to_char()
+        if set(table.values()) != set(pre_tokenizers.ByteLevel.alphabet()):
+            raise RuntimeError("tokenizers' ByteLevel alphabet is not GPT-2's byte map; cannot save a byte tokenizer")
+        tok = Tokenizer(models.BPE(vocab={c: b for b, c in table.items()}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(EOT_TEXT, special=True)])
+        if tok.token_to_id(EOT_TEXT) != self.eot_id:
+            raise RuntimeError(f"end-of-text got id {tok.token_to_id(EOT_TEXT)}, expected {self.eot_id}")
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token=EOT_TEXT, pad_token=EOT_TEXT, split_special_tokens=True,
+            model_max_length=10**9,  # not a limit of the tokenizer; the model's context is in config.json
+        )
 
 
 class HFTokenizer:
@@ -111,6 +153,25 @@ class HFTokenizer:
             return self._tok.decode(ids)
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    def to_json(self) -> Optional[str]:
+        """The serialised `tokenizers.Tokenizer` (a locally trained BPE), or None for a `transformers` one.
+
+        A trained BPE exists only in this machine's cache; the data module stores this string in its
+        checkpoints so that an export elsewhere writes exactly the tokenizer the model was trained with.
+        """
+        return None if self._is_hf else self._tok.to_str()
+
+    def to_transformers(self):
+        """A `transformers` tokenizer that encodes as this one does, for ``save_pretrained``."""
+        if self._is_hf:
+            return self._tok
+        from transformers import PreTrainedTokenizerFast
+
+        # No pad token in a BPE trained here; end-of-text is the natural one for generation.
+        return PreTrainedTokenizerFast(
+            tokenizer_object=self._tok, eos_token=EOT_TEXT, pad_token=EOT_TEXT, model_max_length=10**9,
+        )
+
 
 def train_bpe(texts: Iterable[str], vocab_size: int, path: Path) -> HFTokenizer:
     """Train a byte-level BPE with `tokenizers` on ``texts`` and save it as ``path`` (tokenizer.json).
@@ -137,10 +198,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: Path) -> HFTokenizer:
 
 
 def _load_bpe(path: Path) -> HFTokenizer:
+    # Bytes, not read_text: newline translation would change the fingerprint of an existing cache.
+    return bpe_from_json(path.read_bytes().decode("utf-8"), name=f"bpe:{path.name}")
+
+
+def bpe_from_json(text: str, name: str = "bpe") -> HFTokenizer:
+    """A locally trained BPE from its serialised form (a ``tokenizer.json`` file's content)."""
     from tokenizers import Tokenizer
 
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return HFTokenizer(Tokenizer.from_file(str(path)), fingerprint=f"bpe-{digest}", name=f"bpe:{path.name}")
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return HFTokenizer(Tokenizer.from_str(text), fingerprint=f"bpe-{digest}", name=name)
 
 
 def load_bpe_or_train(texts_fn, vocab_size: int, key: dict, cache_dir: Path) -> HFTokenizer:

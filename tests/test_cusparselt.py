@@ -496,3 +496,34 @@ def test_emulated_semi_structured_export_refuses_float32(cslt, fake_semi_structu
     with pytest.raises(ValueError, match="cannot run here: dtype float32 is not supported"):
         st.export(model, semi_structured=True)
     assert fake_semi_structured == []
+
+
+def test_emulated_cache_follows_dtype_changes(cslt):
+    """`.half()` keeps the weight's `_version`: the compressed W~ must be rebuilt, not reused."""
+    layer = _sparse_layer("cusparselt")
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(4))
+    layer(x.to(torch.bfloat16))
+    first = len(cslt.compressed)
+    layer.half()
+    assert layer._backend_cache == {}  # `.to()` / `.half()` clear the cache
+    y = layer(x.to(torch.float16))
+    assert len(cslt.compressed) > first
+    ref = _sparse_layer("dense").half()
+    ref.load_state_dict(layer.state_dict())
+    _close(y, _f64(ref(x.to(torch.float16))), torch.float16, 64)
+
+
+def test_emulated_cache_follows_autocast_dtype(cslt):
+    """No `.to()` at all: a float32 layer under autocast bf16, then fp16, compresses W~ for each."""
+    cfg = SparsityConfig(method="s-ste", backend="cusparselt", seed=1)
+    torch.manual_seed(0)
+    layer = SparseLinear(64, 48, config=cfg)
+    ref = SparseLinear(64, 48, config=cfg.replace(backend="dense"))
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(5))
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            y = layer(x)
+        assert y.dtype == dtype
+        with torch.autocast("cpu", dtype=dtype):
+            _close(y, _f64(ref(x)), dtype, 64)

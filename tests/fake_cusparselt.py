@@ -60,6 +60,7 @@ class FakeCusparseLt:
     wrong_algs: set = field(default_factory=set)  # alg ids whose products come out wrong
     compressed: list = field(default_factory=list)  # shapes of the compressed operands, in order
     products: list = field(default_factory=list)  # dicts describing each product
+    searches: list = field(default_factory=list)  # dicts describing each algorithm search
 
     def install(self, monkeypatch) -> "FakeCusparseLt":
         monkeypatch.setattr(torch, "_cslt_compress", self.compress)
@@ -124,5 +125,6 @@ class FakeCusparseLt:
         return res
 
     def search(self, compressed_A, dense_B, bias=None, alpha=None, out_dtype=None, transpose_result=False):
-        self._product(compressed_A, dense_B, bias, alpha, out_dtype, transpose_result, 0)
+        _, info = self._product(compressed_A, dense_B, bias, alpha, out_dtype, transpose_result, 0)
+        self.searches.append(info)
         return self.search_result

@@ -60,6 +60,7 @@ class FakeCusparseLt:
     wrong_algs: set = field(default_factory=set)  # alg ids whose products come out wrong
     compressed: list = field(default_factory=list)  # shapes of the compressed operands, in order
     products: list = field(default_factory=list)  # dicts describing each product
+    searches: list = field(default_factory=list)  # dicts describing each algorithm search
 
     def install(self, monkeypatch) -> "FakeCusparseLt":
         monkeypatch.setattr(torch, "_cslt_compress", self.compress)
@@ -124,5 +125,63 @@ class FakeCusparseLt:
         return res
 
     def search(self, compressed_A, dense_B, bias=None, alpha=None, out_dtype=None, transpose_result=False):
-        self._product(compressed_A, dense_B, bias, alpha, out_dtype, transpose_result, 0)
+        _, info = self._product(compressed_A, dense_B, bias, alpha, out_dtype, transpose_result, 0)
+        self.searches.append(info)
         return self.search_result
+
+
+# ----------------------------------------------------------------------------------------------
+# Outside pytest: the GPU suite's `--smoke-cpu` mode runs its cuSPARSELt probes against this
+# emulation, so their code path is rehearsed on CPU before a GPU call is spent on them.
+
+
+class Patcher:
+    """``setattr`` with ``undo``, the two pieces of pytest's ``monkeypatch`` that `install` uses."""
+
+    def __init__(self):
+        self._saved = []
+
+    def setattr(self, obj, name, value):
+        self._saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def undo(self):
+        while self._saved:
+            obj, name, value = self._saved.pop()
+            setattr(obj, name, value)
+
+
+def fake_to_sparse_semi_structured(w: torch.Tensor) -> torch.Tensor:
+    """`torch.sparse.to_sparse_semi_structured` on CPU: checks what cuSPARSELt's ``from_dense``
+    checks (2-D, row-major, fp16/bf16, dims multiples of 16, 2:4 along the last dim) and keeps the
+    values as a dense tensor."""
+    _check(w.dim() == 2 and w.is_contiguous(), f"semi-structured: a 2-D row-major tensor, got {tuple(w.shape)}")
+    _check(w.dtype in (torch.float16, torch.bfloat16), f"semi-structured: float16/bfloat16, got {w.dtype}")
+    _check(w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0, f"semi-structured: {tuple(w.shape)} not multiples of 16")
+    _check(bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()), "semi-structured: not 2:4 along the last dim")
+    return w.clone()
+
+
+def emulate_sm90_on_cpu(patcher, cusparselt_module) -> FakeCusparseLt:
+    """Make CPU tensors run the cuSPARSELt backend as on an emulated sm90 GPU.
+
+    Installs the fake ``torch._cslt_*`` ops and semi-structured conversion, reports cuSPARSELt
+    available on an sm90 device, and makes ``cusparselt_module.can_use`` judge a CPU weight's
+    dtype and shape as it would a CUDA one's. ``patcher.undo()`` restores everything.
+    """
+    import types
+
+    fake = FakeCusparseLt().install(patcher)
+    patcher.setattr(torch.sparse, "to_sparse_semi_structured", fake_to_sparse_semi_structured)
+    patcher.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    patcher.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    patcher.setattr(torch.cuda, "get_device_name", lambda *a: "Emulated sm90")
+    real_can_use = cusparselt_module.can_use
+
+    def can_use(weight, x=None, dtype=None):
+        as_cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=weight.dtype,
+                                        shape=torch.Size(weight.shape), dim=weight.dim)
+        return real_can_use(as_cuda, None, dtype)
+
+    patcher.setattr(cusparselt_module, "can_use", can_use)
+    return fake

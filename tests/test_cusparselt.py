@@ -50,7 +50,8 @@ def test_reason_cpu_weight(monkeypatch):
     [
         ((7, 5), (64, 64), torch.float16, "sm75; 2:4 sparse tensor cores need sm80"),
         ((8, 0), (64, 64), torch.float32, "dtype float32 is not supported.*bfloat16"),
-        ((8, 0), (64, 64), torch.float8_e4m3fn, "FP8 sparse GEMMs need sm89"),
+        ((8, 0), (64, 64), torch.float8_e4m3fn, "FP8 sparse GEMMs .*need sm90"),
+        ((8, 9), (64, 64), torch.float8_e4m3fn, r"FP8 sparse GEMMs \(cuSPARSELt e4m3\) need sm90 or newer, Fake GPU is sm89"),
         ((8, 0), (64, 40), torch.bfloat16, r"\(64, 40\) is not a multiple of 16"),
         ((9, 0), (64, 48), torch.float8_e4m3fn, r"\(64, 48\) is not a multiple of 32"),
     ],
@@ -66,6 +67,20 @@ def test_can_use_true_on_fake_sm90(fake_sm):
     fake_sm((9, 0))
     assert cusparselt.can_use(_fake_cuda_weight((128, 256))) == (True, "")
     assert backends.select_backend("auto", _fake_cuda_weight((128, 256)), warn=False) == ("cusparselt", "")
+
+
+def test_auto_fp8_on_sm89_falls_back_to_dense(fake_sm):
+    """cuSPARSELt's e4m3 kernels need Hopper: on an sm89 GPU `auto` keeps FP8 layers dense (whose
+    FP8 GEMMs run there) and still takes bf16 layers sparse."""
+    fake_sm((8, 9), "NVIDIA L40S")
+    w = _fake_cuda_weight((128, 256))
+    assert backends.select_backend("auto", w, torch.bfloat16, warn=False) == ("cusparselt", "")
+    name, reason = backends.select_backend("auto", w, torch.float8_e4m3fn, warn=False)
+    assert name == "dense" and "need sm90" in reason and "L40S is sm89" in reason
+    with pytest.raises(ValueError, match="cannot run here: FP8 sparse GEMMs .* need sm90"):
+        backends.select_backend("cusparselt", w, torch.float8_e4m3fn)
+    fake_sm((9, 0), "NVIDIA H100")
+    assert backends.select_backend("auto", w, torch.float8_e4m3fn, warn=False) == ("cusparselt", "")
 
 
 def test_select_backend_auto_falls_back_with_one_warning(fake_sm):
@@ -181,6 +196,33 @@ def test_semi_structured_export_matches_dense():
     ref = lin(x)
     cusparselt.to_semi_structured(lin)
     torch.testing.assert_close(lin(x), ref, rtol=1e-2, atol=1e-2)
+
+
+def _rt64(v, d):
+    """Independent per-tensor scaled FP8 round trip in float64: amax maps to the format's max."""
+    v = v.detach().double()
+    s = torch.finfo(d).max / v.abs().max()
+    return (v * s).to(d).double() / s
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CSLT and torch.cuda.get_device_capability() >= (9, 0)), reason="needs an sm90+ GPU")
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposable", [False, True])
+def test_fp8_sparse_matches_float64(out_dtype, transposable):
+    """The e4m3 sparse forward with a per-row alpha, out_dtype and transpose_result (a combination
+    PyTorch's own tests do not cover), and the backward, against float64 products of the same
+    quantised operands."""
+    t, d_in, d_out = 96, 256, 128
+    x, w, b = _layer_inputs(t, d_in, d_out, out_dtype, transposable)
+    y = cusparselt.linear(x, w, b, fp8=True, cache={"key": 0}, transposable=transposable)
+    gy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), gy)
+    e4m3, e5m2 = fp8_ops.FORWARD_DTYPE, fp8_ops.BACKWARD_DTYPE
+    xq, wq, gq = _rt64(x, e4m3), _rt64(w, e4m3), _rt64(gy, e5m2)
+    _close(y, xq @ wq.t() + b.detach().double(), out_dtype, d_in)  # `_close`: see the emulated tests below
+    _close(dx, gq @ wq, out_dtype, d_out)
+    _close(dw, gq.t() @ xq, out_dtype, t)
 
 
 # ------------------------------------------------------------------ CPU, emulated cuSPARSELt
@@ -358,6 +400,49 @@ def test_emulated_algorithm_search_is_verified(cslt, monkeypatch, case, expected
     _close(y, _f64(x) @ _f64(w).t() + _f64(b), torch.bfloat16, 64)
     assert list(cusparselt._ALG_CACHE.values()) == [expected]
     assert cslt.products[-1]["alg_id"] == expected
+
+
+def test_emulated_algorithm_cache_key_covers_the_plan(cslt):
+    """An algorithm found for one plan is not reused by a product differing in bias, alpha,
+    out_dtype, dtype, layout or shape: each distinct plan gets its own search."""
+    cslt.search_result = 0
+    g = torch.Generator().manual_seed(0)
+    w = ops.project_nm(torch.randn(64, 64, generator=g), 2, 4)
+    x = torch.randn(64, 32, generator=g)
+    wc16, wcb = torch._cslt_compress(w.half()), torch._cslt_compress(w.bfloat16())
+    wq = torch._cslt_compress(w.to(torch.float8_e4m3fn))
+    xq = x.to(torch.float8_e4m3fn)
+    calls = [
+        (wcb, x.bfloat16(), {}),
+        (wcb, x.bfloat16(), {"bias": torch.zeros(64, dtype=torch.bfloat16)}),
+        (wcb, x.bfloat16(), {"transpose_result": True}),
+        (wcb, x.bfloat16().t().contiguous().t(), {}),  # column-major dense operand
+        (wc16, x.half(), {}),
+        (wq, xq, {"out_dtype": torch.bfloat16}),
+        (wq, xq, {"out_dtype": torch.float16}),
+        (wq, xq, {"out_dtype": torch.bfloat16, "alpha": torch.ones(1)}),
+        (wq, xq, {"out_dtype": torch.bfloat16, "alpha": torch.ones(64)}),
+    ]
+    for wc, xd, kw in calls:
+        cusparselt._sparse_mm(wc, xd, **kw)
+    assert len(cslt.searches) == len(calls) == len(cusparselt._ALG_CACHE)
+    for wc, xd, kw in calls:  # the same plans again: all cached, no new search
+        cusparselt._sparse_mm(wc, xd, **kw)
+    assert len(cslt.searches) == len(calls)
+
+
+def test_emulated_compressed_weight_follows_dtype(cslt):
+    """Same cache key (the weight's values did not change), new GEMM dtype: the weight is compressed
+    again in that dtype, never multiplied as the stale one."""
+    x, w, b = _cpu_inputs(32, 64, 48, torch.bfloat16)
+    cache = {"key": 0}
+    cusparselt.linear(x, w, b, cache=cache)
+    xh, wh, bh = (t.detach().half() for t in (x, w, b))
+    y = cusparselt.linear(xh, wh, bh, cache=cache)
+    assert y.dtype == torch.float16 and cslt.compressed == [(48, 64), (48, 64)]
+    _close(y, _f64(xh) @ _f64(wh).t() + _f64(bh), torch.float16, 64)
+    cusparselt.linear(xh, wh, bh, cache=cache)
+    assert len(cslt.compressed) == 2  # reused within the new dtype
 
 
 def _sparse_layer(backend, *, transposable=False, mvue=None, fp8=False, seed=0, shape=(64, 48)):

@@ -55,7 +55,8 @@ def can_use(weight: torch.Tensor, x: Optional[torch.Tensor] = None, dtype: Optio
         weight: the ``(out, in)`` weight (its device and shape matter).
         x: the input, if known (its device and last dim are checked).
         dtype: the GEMM dtype (default ``weight.dtype``): float16, bfloat16, or float8_e4m3fn
-            (FP8 needs sm89+).
+            (FP8 needs sm90+: cuSPARSELt's e4m3 kernels are Hopper ones; on sm89 PyTorch's own FP8
+            sparse tests are expected failures).
 
     Returns:
         ``(True, "")`` or ``(False, reason)`` with a sentence naming what is missing.
@@ -76,8 +77,11 @@ def can_use(weight: torch.Tensor, x: Optional[torch.Tensor] = None, dtype: Optio
     if dtype not in SUPPORTED_DTYPES:
         valid = ", ".join(_fmt_dtype(d) for d in SUPPORTED_DTYPES)
         return False, f"dtype {_fmt_dtype(dtype)} is not supported by cuSPARSELt 2:4 GEMMs (valid: {valid})"
-    if dtype == torch.float8_e4m3fn and cap < (8, 9):
-        return False, f"FP8 sparse GEMMs need sm89 or newer, {name} is sm{cap[0]}{cap[1]}"
+    if dtype == torch.float8_e4m3fn and cap < (9, 0):
+        return False, (
+            f"FP8 sparse GEMMs (cuSPARSELt e4m3) need sm90 or newer, {name} is sm{cap[0]}{cap[1]} "
+            "(the dense backend still runs FP8 GEMMs from sm89)"
+        )
     if weight.dim() != 2:
         return False, f"the weight must be 2-D, got shape {tuple(weight.shape)}"
     mult = _SPARSE_MULTIPLE[dtype]
@@ -121,9 +125,23 @@ def _time_ms(fn, reps: int = 5) -> float:
     return start.elapsed_time(end) / reps
 
 
+def _plan_key(compressed: torch.Tensor, dense: torch.Tensor, transpose_result: bool, bias=None, alpha=None,
+              out_dtype=None) -> tuple:
+    """Everything a cuSPARSELt matmul plan depends on, so a cached algorithm is only reused for the
+    same plan: device, operand shapes, strides and dtypes, whether there is a bias (and its dtype),
+    whether alpha is a scalar or a per-row vector, the output dtype and the result layout."""
+    return (
+        dense.device, compressed.dtype, tuple(compressed.shape), dense.dtype, tuple(dense.shape), dense.stride(),
+        transpose_result,
+        None if bias is None else (bias.dtype, tuple(bias.shape)),
+        None if alpha is None else (alpha.dtype, alpha.numel()),
+        out_dtype,
+    )
+
+
 def _alg_id(compressed: torch.Tensor, dense: torch.Tensor, transpose_result: bool, **kw) -> int:
-    """The algorithm for this product's shape: alg 0 unless a verified faster one was found."""
-    key = (dense.device, tuple(compressed.shape), tuple(dense.shape), dense.stride(), dense.dtype, transpose_result)
+    """The algorithm for this product's plan: alg 0 unless a verified faster one was found."""
+    key = _plan_key(compressed, dense, transpose_result, **kw)
     if key in _ALG_CACHE:
         return _ALG_CACHE[key]
     if dense.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -163,7 +181,10 @@ def _compressed_weights(w_eff: torch.Tensor, cache: Optional[dict], need_t: bool
     """
     key = (cache or {}).get("key")
     entry = (cache or {}).get("cusparselt")
-    if key is not None and entry is not None and entry["key"] == (key, need_t, fp8):
+    # The layer's key follows the weight's values; the GEMM dtype and the device are part of the
+    # entry too, so `.half()`, `.to()` or an autocast dtype change never reuses a stale compression.
+    full_key = (key, need_t, fp8, w_eff.dtype, w_eff.device)
+    if key is not None and entry is not None and entry["key"] == full_key:
         return entry["w"], entry["wt"], entry["scale"], entry["w_bwd"]
     w = w_eff.detach()
     scale = None
@@ -177,7 +198,7 @@ def _compressed_weights(w_eff: torch.Tensor, cache: Optional[dict], need_t: bool
     # W~^T is compressed in the GEMM dtype (the backward runs in bf16/fp16, see `linear`).
     wtc = torch._cslt_compress(w_bwd.t().contiguous()) if need_t else None
     if cache is not None and key is not None:
-        cache["cusparselt"] = {"key": (key, need_t, fp8), "w": wc, "wt": wtc, "scale": scale, "w_bwd": w_bwd}
+        cache["cusparselt"] = {"key": full_key, "w": wc, "wt": wtc, "scale": scale, "w_bwd": w_bwd}
     return wc, wtc, scale, w_bwd
 
 
@@ -278,7 +299,7 @@ def linear(x, w_eff, bias, *, mvue=None, generator=None, fp8=False, cache=None, 
         bias: ``(out,)`` or None.
         mvue: None (dense weight gradient) or ``"exact"``/``"approx"`` (sparse, unbiased).
         generator: `torch.Generator` on ``x``'s device for MVUE draws.
-        fp8: forward in e4m3 on sm89+ (real FP8 sparse GEMM), gradients rounded as e5m2.
+        fp8: forward in e4m3 on sm90+ (real FP8 sparse GEMM), gradients rounded as e5m2.
         cache: the layer's dict; set ``cache["key"]`` to reuse the compressed weight.
         transposable: ``w_eff``'s mask is transposable (``w_eff.t()`` is 2:4), so the input
             gradient is a sparse GEMM too.

@@ -12,11 +12,12 @@ compiled for CUDA tensors.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import torch
 
-__all__ = ["DualKernel", "triton_importable"]
+__all__ = ["DualKernel", "launch_mode", "triton_importable"]
 
 _LOCK = threading.Lock()
 
@@ -32,9 +33,28 @@ def triton_importable() -> bool:
 
 
 def _interpret_requested() -> bool:
-    from triton import knobs
+    """True when ``TRITON_INTERPRET=1`` asks for the interpreter everywhere (CUDA launches too).
 
+    Triton >= 3.4 reads the variable through ``triton.knobs``; older releases read the environment
+    directly in ``@triton.jit``. Both are read at call time here, as triton reads them when it
+    decorates a function.
+    """
+    try:
+        from triton import knobs
+    except ImportError:  # Triton < 3.4 has no knobs module
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
     return bool(knobs.runtime.interpret)
+
+
+def launch_mode(*tensors) -> str:
+    """``"interpreted"`` or ``"compiled"``: how a `DualKernel` launch on ``tensors`` would run.
+
+    CPU tensors always go through the interpreter; CUDA tensors are compiled unless
+    ``TRITON_INTERPRET=1`` is set (then triton's own ``tl.*`` helpers are interpreter objects,
+    which a compiled kernel cannot call).
+    """
+    on_cpu = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in tensors)
+    return "interpreted" if on_cpu or _interpret_requested() else "compiled"
 
 
 @contextlib.contextmanager
@@ -79,10 +99,10 @@ class DualKernel:
         self.__doc__ = fn.__doc__
         self._compiled = None
         self._interpreted = None
+        self.last_mode = None  # "compiled" or "interpreted": how the latest launch ran (for tests)
 
     def _pick(self, args) -> tuple:
-        on_cpu = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
-        if on_cpu or _interpret_requested():
+        if launch_mode(*args) == "interpreted":
             if self._interpreted is None:
                 from triton.runtime.interpreter import InterpretedFunction
 
@@ -97,6 +117,7 @@ class DualKernel:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             kernel, interpreted = self._pick(args)
+            self.last_mode = "interpreted" if interpreted else "compiled"
             if not interpreted:
                 return kernel[grid](*args, **kwargs)
             import triton.language as tl

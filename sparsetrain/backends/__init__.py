@@ -65,7 +65,8 @@ def select_backend(config_backend: str, weight, dtype=None, *, warn: bool = True
         return "cusparselt", ""
     if config_backend == "cusparselt":
         raise ValueError(f"`backend`='cusparselt' cannot run here: {reason}. Use backend='auto' or 'dense'.")
-    if warn and reason not in _WARNED:
+    # A CPU weight is expected to run dense: only a CUDA weight could have used cuSPARSELt.
+    if warn and reason not in _WARNED and weight.device.type == "cuda":
         _WARNED.add(reason)
         warnings.warn(f"backend='auto': using the dense backend because {reason}", stacklevel=2)
     return "dense", reason

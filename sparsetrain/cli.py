@@ -70,10 +70,12 @@ def _quiet_third_party() -> None:
 
 
 class _DropTips(logging.Filter):
-    """Lightning's advertisements ("💡 Tip: ... litlogger / litmodels")."""
+    """Lightning's advertisements ("💡 Tip: ... litlogger / litmodels") and its note on our summary."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
+        if msg.startswith("Trainer already configured with model summary callbacks"):
+            return False  # we replaced Lightning's summary table on purpose (see OneLineModelSummary)
         return not (msg.startswith("💡 Tip:") and ("litlogger" in msg or "litmodels" in msg))
 
 
@@ -731,7 +733,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if cmd == "prune":
             from .pruning.cli import main as prune_main  # another part of the package; loaded only when asked
 
-            return prune_main(argv[1:]) or 0
+            try:
+                return prune_main(argv[1:]) or 0
+            except SystemExit as e:  # its argument errors (already printed)
+                return e.code if isinstance(e.code, int) else 2
         if cmd in LIGHTNING_SUBCOMMANDS:
             run_lightning(argv)
             return 0

@@ -373,6 +373,12 @@ def _make_cli_class(state: Dict[str, Any]):
             parser.link_arguments("data.block_size", "model.block_size")
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
+        def _parse_ckpt_path(self) -> None:
+            # Lightning would read the checkpoint here and silently replace the model section with
+            # its hyper-parameters. `before_instantiate_classes` resolves the path instead (run
+            # directories, `last`, unreadable files) and makes a differing field an error.
+            return
+
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand]
             section = dict(cfg.sparsity)

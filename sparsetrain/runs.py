@@ -159,7 +159,7 @@ def latest_good_checkpoint(run_dir: Path) -> Path:
     good = next((c for c in ckpts[1:] if checkpoint_problem(c) is None), None)
     offer = (f"the newest good one is {str(good)!r}: pass that path to use it" if good is not None
              else "the run has no other readable checkpoint")
-    raise CheckpointError(f"the newest checkpoint of run {str(run_dir)!r}, {str(ckpts[0])!r}, {problem}; {offer}")
+    raise CheckpointError(f"{str(ckpts[0])!r} {problem} (the newest checkpoint of run {str(run_dir)!r}); {offer}")
 
 
 def resolve_checkpoint(path: str, *, root: Optional[Path] = None, run_name: Optional[str] = None,
@@ -204,7 +204,7 @@ def resolve_checkpoint(path: str, *, root: Optional[Path] = None, run_name: Opti
         if run is not None and run.is_dir():
             good = next((c for c in run_checkpoints(run) if checkpoint_problem(c) is None), None)
             if good is not None:
-                hint = f"; the newest good checkpoint of that run is {str(good)!r}"
+                hint = f"; the newest good one is {str(good)!r}: pass that path to use it"
         raise CheckpointError(f"`{what}`={path!r} {problem}{hint}")
     return p
 

@@ -46,6 +46,7 @@ SECTIONS = ("trainer", "model", "data", "sparsity")
 TOP_LEVEL = ("seed_everything", "ckpt_path", "run_name", "threads", "optimizer", "lr_scheduler", "verbose",
              "config", "print_config")
 DEBUG_ENV = "SPARSETRAIN_DEBUG"
+RUN_DIR_ENV = "SPARSETRAIN_RUN_DIR"  # rank 0's run directory, for the other ranks of a DDP run
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ def _quiet_third_party() -> None:
     # We pass `args` ourselves (with the default recipe filled in); the warning about `args` next to
     # `sys.argv` does not apply.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter", module=r"lightning\.pytorch\.cli")
+    # A resumed run writes into its own checkpoint folder again; that is the point, not a hazard.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty",
+                            module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
     rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropTips) for f in rank_zero_log.filters):
         rank_zero_log.addFilter(_DropTips())
@@ -76,6 +80,10 @@ class _DropTips(logging.Filter):
         msg = record.getMessage()
         if msg.startswith("Trainer already configured with model summary callbacks"):
             return False  # we replaced Lightning's summary table on purpose (see OneLineModelSummary)
+        if msg.startswith("`Trainer.fit` stopped: `max_steps="):
+            # Logged while the rich bar is still live, it lands on the bar's line and makes the bar
+            # print a second time below it; the run summary says how many steps ran.
+            return False
         return not (msg.startswith("💡 Tip:") and ("litlogger" in msg or "litmodels" in msg))
 
 
@@ -416,11 +424,15 @@ def _make_cli_class(state: Dict[str, Any]):
                 run_dir = runs.run_dir_of(ckpt)
                 verb = "resuming" if self.subcommand == "fit" else "evaluating"
                 state["ckpt_line"] = f"{verb} {ckpt} (step {step})"
+            if run_dir is None and _rank() > 0 and os.environ.get(RUN_DIR_ENV):
+                run_dir = Path(os.environ[RUN_DIR_ENV])  # the directory rank 0 chose, not the next free one
             if run_dir is None:
                 try:
                     run_dir = runs.new_run_dir(root, run_name)
                 except ValueError as e:
                     raise UsageError(str(e)) from None
+            if _rank() == 0:
+                os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the processes a DDP launcher starts
             state["root_existed"] = root.exists()
             state["root"] = root
             state["run_dir"] = run_dir
@@ -454,11 +466,21 @@ def _make_cli_class(state: Dict[str, Any]):
             for cb in trainer.checkpoint_callbacks:
                 if getattr(cb, "dirpath", None) is None:  # a recipe names no folder: this run's own
                     cb.dirpath = str(run_dir / runs.CKPT_DIR)
-            print(f"run: {run_dir}" + (" (new)" if state["new_run"] else "")
-                  + (f"; {state['ckpt_line']}" if "ckpt_line" in state else "") + f"; {state['threads_line']}")
+            if trainer.is_global_zero:
+                print(f"run: {run_dir}" + (" (new)" if state["new_run"] else "")
+                      + (f"; {state['ckpt_line']}" if "ckpt_line" in state else "") + f"; {state['threads_line']}")
             return trainer
 
     return SparseTrainCLI
+
+
+def _rank() -> int:
+    """This process's rank under a launcher that sets ``RANK`` / ``LOCAL_RANK`` (0 otherwise)."""
+    for var in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
 
 
 def _data_mismatch(ckpt: dict, data: dict):
@@ -548,7 +570,7 @@ def run_lightning(argv: Sequence[str]):
     except BaseException:
         _clean_up_failed_run(state)
         raise
-    if cmd == "fit" and "run_dir" in state:
+    if cmd == "fit" and "run_dir" in state and cli.trainer.is_global_zero:
         print(fit_summary(cli, state))
     return cli
 

@@ -101,6 +101,7 @@ def test_resume_from_last_gives_the_same_loss_curve(uninterrupted, tmp_path, cap
     out = capsys.readouterr().out
     assert f"resuming {run / 'checkpoints' / 'last.ckpt'} (step 4)" in out  # says which
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killed"]  # no new run directory
+    assert not list(run.glob("checkpoints/*-v*.ckpt"))  # last.ckpt replaced, no last-v1.ckpt beside it
     full = _series(_metrics(full_root), "train/loss")
     resumed = _series(_metrics(run), "train/loss")
     assert sorted(resumed) == list(range(8))

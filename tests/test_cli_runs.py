@@ -342,3 +342,32 @@ def test_bar_metrics_short_names_and_scientific_lr():
     # the bar (description + bar + counts + time ~ 80 columns) fits 160 columns on one line.
     text = " ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in shown.items())
     assert len(text) < 60
+
+
+def test_lightning_notes_that_would_break_the_bar_are_dropped():
+    import logging
+
+    from sparsetrain.cli import _DropTips
+
+    def record(msg):
+        return logging.LogRecord("lightning.pytorch.utilities.rank_zero", logging.INFO, __file__, 1, msg, None, None)
+
+    f = _DropTips()
+    assert not f.filter(record("`Trainer.fit` stopped: `max_steps=30` reached."))
+    assert not f.filter(record("💡 Tip: For seamless cloud logging and experiment tracking, try installing "
+                               "[litlogger](https://pypi.org/project/litlogger/) to enable LitLogger"))
+    assert f.filter(record("`Trainer.fit` stopped: `max_epochs=3` reached."))  # not ours to hide
+    assert f.filter(record("GPU available: False, used: False"))
+
+
+def test_a_new_run_never_reuses_a_name(tmp_path):
+    from sparsetrain.runs import new_run_dir
+
+    assert new_run_dir(tmp_path) == tmp_path / "run_0"
+    (tmp_path / "run_0").mkdir()
+    (tmp_path / "run_7").mkdir()
+    assert new_run_dir(tmp_path) == tmp_path / "run_8"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "x").write_text("")
+    with pytest.raises(ValueError, match="run .*mine' exists already; pick another `--run_name`"):
+        new_run_dir(tmp_path, "mine")

@@ -80,7 +80,7 @@ class _DropTips(logging.Filter):
         msg = record.getMessage()
         if msg.startswith("Trainer already configured with model summary callbacks"):
             return False  # we replaced Lightning's summary table on purpose (see OneLineModelSummary)
-        if msg.startswith("`Trainer.fit` stopped: `max_steps="):
+        if msg.startswith(("`Trainer.fit` stopped: `max_steps=", "`Trainer.fit` stopped: `max_epochs=")):
             # Logged while the rich bar is still live, it lands on the bar's line and makes the bar
             # print a second time below it; the run summary says how many steps ran.
             return False

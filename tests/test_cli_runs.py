@@ -27,6 +27,7 @@ def _args(root: Path, cache: Path, *extra, steps: int = 3):
         "--trainer.val_check_interval", str(steps),
         "--trainer.log_every_n_steps", "1",
         "--trainer.default_root_dir", str(root),
+        "--trainer.callbacks.init_args.every_n_train_steps", "1",  # save_top_k: 1 keeps one of three
         "--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "32",
         "--model.warmup_steps", "1",
         "--data.block_size", "32", "--data.batch_size", "2",
@@ -71,7 +72,9 @@ def test_each_run_has_its_own_directory(two_runs):
         run = root / f"run_{i}"
         assert f"run: {run} (new)" in out  # printed at the start
         assert f"run finished: {run}" in out  # and at the end
-        assert (run / "checkpoints" / "last.ckpt").is_file()
+        # save_top_k counts per run: each keeps its own newest step checkpoint, and the second run
+        # deleted nothing of the first.
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=0-step=3.ckpt", "last.ckpt"]
         assert (run / "logs" / "version_0" / "metrics.csv").is_file()
         ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
         assert ckpt["global_step"] == 3

@@ -565,7 +565,8 @@ def run_lightning(argv: Sequence[str]):
             args=argv,
             # A resumed run writes its config.yaml into its own new logs/version_N.
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in LIGHTNING_SUBCOMMANDS}},
+            parser_kwargs={"prog": "sparsetrain", "exit_on_error": False,
+                           **{c: {"exit_on_error": False} for c in LIGHTNING_SUBCOMMANDS}},
         )
     except BaseException:
         _clean_up_failed_run(state)
@@ -686,6 +687,9 @@ def _export_main(argv: Sequence[str]) -> int:
                    help="a run directory (its newest readable checkpoint is used) or a .ckpt written by `sparsetrain fit`")
     p.add_argument("--out", required=True, help="output directory (created)")
     args = p.parse_args(list(argv))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar says nothing
     info = export_checkpoint(args.ckpt, args.out)
     n_layers = len(info["nm_checked_layers"])
     cfg = info["sparsity_config"]

@@ -159,6 +159,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(str(e).replace("`n`", "`--n`").replace("`m`", "`--m`"))
     if args.refine_steps < 0:
         p.error(f"`--refine-steps` must be >= 0, got {args.refine_steps}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars say nothing here
     for name in ("calib_seqs", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")

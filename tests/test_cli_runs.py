@@ -374,3 +374,13 @@ def test_a_new_run_never_reuses_a_name(tmp_path):
     (tmp_path / "mine" / "x").write_text("")
     with pytest.raises(ValueError, match="run .*mine' exists already; pick another `--run_name`"):
         new_run_dir(tmp_path, "mine")
+
+
+def test_auto_backend_still_warns_where_a_gpu_could_have_run(monkeypatch):
+    from sparsetrain import backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backends._WARNED.clear()
+    with pytest.warns(UserWarning, match="using the dense backend because"):
+        backends.select_backend("auto", torch.zeros(64, 64))
+    backends._WARNED.clear()

@@ -29,6 +29,7 @@ __all__ = [
     "checkpoint_problem",
     "latest_good_checkpoint",
     "resolve_checkpoint",
+    "load_checkpoint",
     "run_dir_of",
     "config_mismatch",
     "closest",
@@ -38,8 +39,9 @@ RUN_PREFIX = "run_"
 CKPT_DIR = "checkpoints"
 
 # Fields of `CausalLMModule` that fix the shape of the model's parameters: a checkpoint cannot be
-# loaded into a model built with other values.
-MODEL_SHAPE_FIELDS = ("model_type", "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "n_inner",
+# loaded into a model built with other values. (`vocab_size` follows the data's tokenizer when the
+# model is built, so the CLI compares `data.tokenizer` instead.)
+MODEL_SHAPE_FIELDS = ("model_type", "n_layer", "n_head", "n_embd", "block_size", "n_inner",
                       "n_kv_head", "tie_word_embeddings", "pad_vocab_to", "hf_config")
 # Fields of `SparsityConfig` whose change alters what a training step computes. `backend` (how the
 # same product is run) and `seed` (the generators are restored from the checkpoint) may differ.

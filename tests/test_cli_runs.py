@@ -384,3 +384,39 @@ def test_auto_backend_still_warns_where_a_gpu_could_have_run(monkeypatch):
     with pytest.warns(UserWarning, match="using the dense backend because"):
         backends.select_backend("auto", torch.zeros(64, 64))
     backends._WARNED.clear()
+
+
+def test_config_mismatch_rules():
+    from sparsetrain.cli import _data_mismatch
+    from sparsetrain.runs import config_mismatch
+
+    ckpt = {"hyper_parameters": {"n_layer": 4, "n_embd": 128, "lr": 1e-3, "vocab_size": 4096},
+            "sparsity_config": {"method": "s-ste", "n": 2, "m": 4, "targets": "mlp", "mvue": None,
+                                "backend": "auto", "seed": 1}}
+    same = {"n_layer": 4, "n_embd": 128}
+    assert config_mismatch(ckpt, {**same, "lr": 5e-4, "vocab_size": 257}, {**ckpt["sparsity_config"],
+                                                                           "backend": "dense", "seed": 2}) is None
+    assert config_mismatch(ckpt, {**same, "n_layer": 2}, ckpt["sparsity_config"]) == ("model.n_layer", 4, 2)
+    assert config_mismatch(ckpt, same, {**ckpt["sparsity_config"], "m": 8}) == ("sparsity.m", 4, 8)
+    dense = {"hyper_parameters": {}, "sparsity_config": {"method": "dense", "n": 2}}
+    assert config_mismatch(dense, {}, {"method": "dense", "n": 1}) is None  # n acts on nothing when dense
+    assert config_mismatch(dense, {}, {"method": "ste", "n": 2}) == ("sparsity.method", "dense", "ste")
+    data = {"datamodule_hyper_parameters": {"tokenizer": "bpe", "bpe_vocab_size": 4096}}
+    assert _data_mismatch(data, {"tokenizer": "byte", "bpe_vocab_size": 4096}) == ("data.tokenizer", "bpe", "byte")
+    assert _data_mismatch(data, {"tokenizer": "bpe", "bpe_vocab_size": 512}) == ("data.bpe_vocab_size", 4096, 512)
+    assert _data_mismatch({"datamodule_hyper_parameters": {"tokenizer": "byte", "bpe_vocab_size": 4096}},
+                          {"tokenizer": "byte", "bpe_vocab_size": 512}) is None
+
+
+def test_checkpoint_problem_reads_only_the_zip_directory(tmp_path):
+    from sparsetrain.runs import checkpoint_problem
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, good)
+    assert checkpoint_problem(good) is None
+    data = good.read_bytes()
+    for keep in (0.1, 0.5, 0.99):
+        cut = tmp_path / f"cut{keep}.ckpt"
+        cut.write_bytes(data[: int(len(data) * keep)])
+        assert checkpoint_problem(cut).startswith("is truncated"), keep
+    assert checkpoint_problem(tmp_path) == "is a directory"

@@ -531,14 +531,16 @@ def fit_summary(cli, state: Dict[str, Any]) -> str:
     wall = (summary.ended - summary.started) if summary is not None and summary.ended else None
     out = Path("exported") / f"{run_dir.parent.name}-{run_dir.name}"
     lines = [
-        f"run finished: {run_dir}",
+        f"run {'interrupted' if getattr(trainer, 'interrupted', False) else 'finished'}: {run_dir}",
         f"  steps {trainer.global_step}" + (f", wall time {wall:.1f} s" if wall is not None else ""),
         f"  train/loss {fmt('train/loss')}, val/loss {fmt('val/loss')}",
         f"  target layers: zero fraction {fmt('sparsity/zero_fraction')}, flip rate {fmt('sparsity/flip_rate', '.2e')}",
         f"  checkpoint: {ckpts[0] if ckpts else 'none written'}",
     ]
     if ckpts:
-        lines.append(f"  export: sparsetrain export --ckpt {run_dir} --out {out}")
+        import shlex
+
+        lines.append(f"  export: sparsetrain export --ckpt {shlex.quote(str(run_dir))} --out {shlex.quote(str(out))}")
     return "\n".join(lines)
 
 

@@ -557,9 +557,12 @@ def run_lightning(argv: Sequence[str]):
     from .data import TextDataModule
     from .models import CausalLMModule
 
+    import torch
+
     _quiet_third_party()
     state: Dict[str, Any] = {}
     cli_cls = _make_cli_class(state)
+    threads_before = torch.get_num_threads()  # `--threads` is for this command, not for its caller
     try:
         cli = cli_cls(
             CausalLMModule,
@@ -573,6 +576,8 @@ def run_lightning(argv: Sequence[str]):
     except BaseException:
         _clean_up_failed_run(state)
         raise
+    finally:
+        torch.set_num_threads(threads_before)
     if cmd == "fit" and "run_dir" in state and cli.trainer.is_global_zero:
         print(fit_summary(cli, state))
     return cli

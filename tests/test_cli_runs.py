@@ -10,6 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -35,6 +36,15 @@ def _args(root: Path, cache: Path, *extra, steps: int = 3):
         "--data.cache_dir", str(cache),
         *extra,
     ]
+
+
+class ThreadProbe(L.Callback):
+    """Records torch's thread count when training starts."""
+
+    seen: list = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        ThreadProbe.seen.append(torch.get_num_threads())
 
 
 def _short_error(capsys) -> str:
@@ -126,7 +136,6 @@ def test_default_output_is_quiet(two_runs):
         assert noise not in text, noise
     assert "model: " in out and "parameters" in out  # the one-line model summary instead of the table
     assert "threads: 1" in out
-    assert torch.get_num_threads() >= 1
 
 
 @pytest.mark.parametrize("as_file", [False, True])
@@ -328,6 +337,20 @@ def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
     for load, expected in ((0.0, 8), (2.2, 6), (7.6, 1), (30.0, 1)):
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
         assert cli.auto_threads()[0] == expected
+
+
+def test_threads_apply_to_the_run_only(two_runs, tmp_path):
+    # The second fixture run used --threads 1 and recorded what torch used during training.
+    root, cache, outs = two_runs
+    assert "threads: 1" in outs[1][0]
+    before = torch.get_num_threads()
+    ThreadProbe.seen.clear()
+    probe = json.dumps({"class_path": "test_cli_runs.ThreadProbe"})
+    want = 1 if before != 1 else 2
+    assert main(["fit", *_args(tmp_path, cache, "--threads", str(want), "--trainer.callbacks+=" + probe,
+                               "--trainer.enable_progress_bar", "false", steps=1)]) == 0
+    assert ThreadProbe.seen == [want]
+    assert torch.get_num_threads() == before  # restored for the caller
 
 
 def test_threads_must_be_positive(capsys):

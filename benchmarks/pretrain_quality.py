@@ -59,9 +59,8 @@ def run_one(method: str, seed: int, steps: int, val_every: int, workdir: Path, c
         "--trainer.val_check_interval", str(val_every),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.logger.init_args.save_dir", str(root),
-        "--trainer.callbacks.init_args.dirpath", str(root / "checkpoints"),
+        "--trainer.default_root_dir", str(workdir),
+        "--run_name", root.name,  # the run's directory is `root`
         "--trainer.callbacks.init_args.every_n_train_steps", str(steps),
         "--model.warmup_steps", str(max(1, steps // 10)),
         "--data.cache_dir", cache_dir,

@@ -9,15 +9,22 @@ Example:
     >>> trainer = transformers.Trainer(model, args, callbacks=[st.SparseTrainerCallback(sparsity)])
 """
 
-from . import ops
-from .config import SparsityConfig
-from .engine import Sparsifier
-from .nn import SparseLinear, densify, export, sparse_layers, sparsify
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# Heavier parts load on first use, so `import sparsetrain` stays quick for layer-only users.
+# Every public name loads on first use (PEP 562), so `import sparsetrain` and the `sparsetrain`
+# command's help cost neither torch nor Lightning (Lightning alone took 3.4 s of a 5.5 s import);
+# layer-only users never load Lightning. Name -> (module, attribute; None for the module itself).
 _LAZY = {
+    "ops": ("sparsetrain.ops", None),
+    "SparsityConfig": ("sparsetrain.config", "SparsityConfig"),
+    "SparseLinear": ("sparsetrain.nn", "SparseLinear"),
+    "sparsify": ("sparsetrain.nn", "sparsify"),
+    "densify": ("sparsetrain.nn", "densify"),
+    "export": ("sparsetrain.nn", "export"),
+    "sparse_layers": ("sparsetrain.nn", "sparse_layers"),
+    "Sparsifier": ("sparsetrain.engine", "Sparsifier"),
     "SparseTraining": ("sparsetrain.callbacks", "SparseTraining"),  # imports Lightning
     "SparseTrainerCallback": ("sparsetrain.integrations.transformers", "SparseTrainerCallback"),
     "TextDataModule": ("sparsetrain.data", "TextDataModule"),
@@ -26,6 +33,17 @@ _LAZY = {
     "prune": ("sparsetrain.pruning", "prune"),
 }
 
+if TYPE_CHECKING:  # static tools see the real names
+    from . import ops, pruning
+    from .callbacks import SparseTraining
+    from .config import SparsityConfig
+    from .data import TextDataModule
+    from .engine import Sparsifier
+    from .integrations.transformers import SparseTrainerCallback
+    from .models import CausalLMModule
+    from .nn import SparseLinear, densify, export, sparse_layers, sparsify
+    from .pruning import prune
+
 
 def __getattr__(name):
     if name in _LAZY:
@@ -33,8 +51,15 @@ def __getattr__(name):
 
         module_name, attr = _LAZY[name]
         module = importlib.import_module(module_name)
-        return module if attr is None else getattr(module, attr)
+        value = module if attr is None else getattr(module, attr)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'sparsetrain' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "SparsityConfig",

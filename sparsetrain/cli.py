@@ -2,10 +2,10 @@
 
 ::
 
-    sparsetrain fit      --config recipes/tiny-s-ste.yaml [--trainer.max_steps 50 ...]
-    sparsetrain validate --config recipes/tiny-s-ste.yaml --ckpt_path runs/tiny-s-ste/checkpoints/last.ckpt
-    sparsetrain test     --config recipes/tiny-s-ste.yaml --ckpt_path ...
-    sparsetrain export   --ckpt runs/tiny-s-ste/checkpoints/last.ckpt --out exported/tiny-s-ste
+    sparsetrain fit      --config recipes/tiny-s-ste.yaml [--trainer.max_steps 50 ...] [--run_name NAME]
+    sparsetrain fit      --config recipes/tiny-s-ste.yaml --ckpt_path last      (resume the newest run)
+    sparsetrain validate --config recipes/tiny-s-ste.yaml --ckpt_path runs/tiny-s-ste/run_0
+    sparsetrain export   --ckpt runs/tiny-s-ste/run_0 --out exported/tiny-s-ste
     sparsetrain prune    ...                     (one-shot pruning; see `sparsetrain prune --help`)
 
 ``fit``, ``validate`` and ``test`` are `LightningCLI` subcommands with four config sections:
@@ -14,18 +14,28 @@
 callback built from it, so recipes do not list it under ``trainer.callbacks``). Any field can be
 overridden on the command line (``--sparsity.method ste``). ``model.vocab_size`` and
 ``model.block_size`` follow the data module's and need not be set. Without ``--config`` the default
-recipe ``recipes/tiny-s-ste.yaml`` is used. ``--ckpt_path last`` resumes from the newest ``last.ckpt``
-of the recipe's `ModelCheckpoint`.
+recipe ``recipes/tiny-s-ste.yaml`` is used.
+
+Runs (see `sparsetrain.runs`): every ``fit`` writes into its own directory
+``{trainer.default_root_dir}/{run_name}`` (``run_N`` by default): checkpoints, CSV logs and the
+config. ``--ckpt_path`` takes a ``.ckpt``, a run directory (its newest readable checkpoint) or
+``last`` (the newest checkpoint of ``--run_name``, else of the run that wrote one last) and resumes
+into that run's directory. A user error is one or two lines on stderr (exit code 2); ``--debug`` or
+``SPARSETRAIN_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
+import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 # The export lives in `hub` (light to import); re-exported for `from sparsetrain.cli import export_checkpoint`.
 from .hub import export_checkpoint, nm_violations  # noqa: F401
@@ -33,19 +43,330 @@ from .hub import export_checkpoint, nm_violations  # noqa: F401
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO_ROOT / "recipes" / "tiny-s-ste.yaml"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
+SECTIONS = ("trainer", "model", "data", "sparsity")
+# Top-level keys of a `fit`/`validate`/`test` config besides the sections.
+TOP_LEVEL = ("seed_everything", "ckpt_path", "run_name", "threads", "optimizer", "lr_scheduler", "verbose",
+             "config", "print_config")
+DEBUG_ENV = "SPARSETRAIN_DEBUG"
+RUN_DIR_ENV = "SPARSETRAIN_RUN_DIR"  # rank 0's run directory, for the other ranks of a DDP run
 
 log = logging.getLogger(__name__)
 
 
-def _make_cli_class():
-    # Imported here so that `sparsetrain export --help` and `prune` do not pay for building the parser.
+class UsageError(ValueError):
+    """A mistake in what the user asked for; shown as one or two lines, without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------- quiet output
+
+def _quiet_third_party() -> None:
+    """Drop known noise from Lightning's output, narrowly, by message (and module for warnings)."""
+    # Lightning 2.6 on torch 2.13: its own pytree helper uses a torch API torch deprecated.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+    # We pass `args` ourselves (with the default recipe filled in); the warning about `args` next to
+    # `sys.argv` does not apply.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter", module=r"lightning\.pytorch\.cli")
+    # A resumed run writes into its own checkpoint folder again; that is the point, not a hazard.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty",
+                            module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(_DropTips())
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertisements ("💡 Tip: ... litlogger / litmodels") and its note on our summary."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Trainer already configured with model summary callbacks"):
+            return False  # we replaced Lightning's summary table on purpose (see OneLineModelSummary)
+        if msg.startswith(("`Trainer.fit` stopped: `max_steps=", "`Trainer.fit` stopped: `max_epochs=")):
+            # Logged while the rich bar is still live, it lands on the bar's line and makes the bar
+            # print a second time below it; the run summary says how many steps ran.
+            return False
+        return not (msg.startswith("💡 Tip:") and ("litlogger" in msg or "litmodels" in msg))
+
+
+# ---------------------------------------------------------------------------------------- threads
+
+def auto_threads() -> tuple[int, str]:
+    """Torch CPU threads for a run: the cores this process may use, less the ones other processes keep busy.
+
+    torch takes every core by default; when other jobs run, its threads wait on each other at every
+    matmul and a run can be several times slower than with one thread (100 steps of the default
+    recipe: 33.5 s with torch's default, 21.4 s with one thread, on 2 shared cores).
+
+    Returns:
+        ``(threads, why)``.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    free = max(1, min(cores, int(cores - load + 0.5)))
+    return free, f"{cores} core(s), load {load:.1f}"
+
+
+def set_threads(threads: Optional[int]) -> str:
+    """Set torch's CPU threads (``None``: `auto_threads`); returns a line saying what was chosen."""
+    import torch
+
+    if threads is None:
+        n, why = auto_threads()
+        torch.set_num_threads(n)
+        return f"threads: {n} (auto: {why}; set with --threads N)"
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"`--threads` must be an int >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
+    return f"threads: {threads}"
+
+
+# ---------------------------------------------------------------------------------------- config checks
+
+def _section_fields(section: str) -> List[str]:
+    import dataclasses
+    import inspect
+
+    if section == "sparsity":
+        from .config import SparsityConfig
+
+        return [f.name for f in dataclasses.fields(SparsityConfig)]
+    if section == "model":
+        from .models import CausalLMModule as cls
+    elif section == "data":
+        from .data import TextDataModule as cls
+    else:
+        from lightning.pytorch import Trainer as cls
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
+def _unknown_field_message(where: str, section: Optional[str], key: str) -> str:
+    if section is None:
+        valid = list(SECTIONS) + [k for k in TOP_LEVEL if k not in ("config", "print_config")]
+        full = key
+    else:
+        valid = _section_fields(section)
+        full = f"{section}.{key}"
+    from .runs import closest
+
+    guess = closest(key, valid)
+    hint = f"; did you mean `{section + '.' if section else ''}{guess}`?" if guess else ""
+    listing = "" if guess else f" (valid: {', '.join(valid)})"
+    return f"{where}unknown field `{full}`{hint}{listing}"
+
+
+def check_config_file(path: str) -> None:
+    """Fail with a one-line `UsageError` on a missing file, bad YAML or an unknown field (with file:line)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        from .runs import closest
+
+        recipes = sorted(q.name for q in (REPO_ROOT / "recipes").glob("*.yaml"))
+        guess = closest(p.name, recipes)
+        hint = f"; did you mean recipes/{guess}?" if guess else f"; recipes: {', '.join(recipes)}"
+        raise UsageError(f"`--config` file {path!r} does not exist{hint}")
+    text = p.read_text()
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{path}{line}: invalid YAML: {problem}") from None
+    if node is None:
+        return
+    if not isinstance(node, yaml.MappingNode):
+        raise UsageError(f"{path}:1: a config must be a mapping of sections (trainer:, model:, data:, sparsity:)")
+    for key_node, value_node in node.value:
+        key = key_node.value
+        where = f"{path}:{key_node.start_mark.line + 1}: "
+        if key not in SECTIONS and key not in TOP_LEVEL:
+            raise UsageError(_unknown_field_message(where, None, key))
+        if key in SECTIONS and isinstance(value_node, yaml.MappingNode):
+            fields = _section_fields(key)
+            for sub_key, _ in value_node.value:
+                if sub_key.value not in fields:
+                    where = f"{path}:{sub_key.start_mark.line + 1}: "
+                    raise UsageError(_unknown_field_message(where, key, sub_key.value))
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+    """Fail with a one-line `UsageError` on ``--section.field`` overrides naming no field."""
+    for arg in argv:
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            continue
+        dotted = arg[2:].split("=", 1)[0].rstrip("+")
+        section, key = dotted.split(".")[:2]
+        if section in SECTIONS and key not in _section_fields(section):
+            raise UsageError(_unknown_field_message("", section, key) + f" (in `{arg.split('=', 1)[0]}`)")
+
+
+def _config_files(argv: Sequence[str]) -> List[str]:
+    files = []
+    for i, a in enumerate(argv):
+        if a in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif a.startswith("--config="):
+            files.append(a.split("=", 1)[1])
+    return files
+
+
+# ---------------------------------------------------------------------------------------- help
+
+_RST = [(re.compile(r":\w+:`~?([^`]+)`"), r"\1"), (re.compile(r"``([^`]+)``"), r"\1"), (re.compile(r"`([^`]+)`"), r"\1")]
+
+
+def plain(text: str) -> str:
+    """Docstring text without RST markup (``"dense"`` -> "dense", :class:`X` -> X)."""
+    for pattern, repl in _RST:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def doc_args(obj) -> Dict[str, str]:
+    """The ``Args:`` entries of a Google-style docstring, one paragraph per name (``n, m:`` gives both)."""
+    import inspect
+
+    doc = inspect.getdoc(obj) or ""
+    out: Dict[str, str] = {}
+    lines = doc.splitlines()
+    try:
+        start = next(i for i, l in enumerate(lines) if l.strip() == "Args:")
+    except StopIteration:
+        return out
+    base = None
+    names: List[str] = []
+    for line in lines[start + 1:]:
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if base is None:
+            base = indent
+        if indent < base:
+            break
+        m = re.match(r"\s*([\w, ]+):\s*(.*)", line) if indent == base else None
+        if m:
+            names = [n.strip() for n in m.group(1).split(",")]
+            for n in names:
+                out[n] = m.group(2).strip()
+        else:
+            for n in names:
+                out[n] += " " + line.strip()
+    return out
+
+
+def _wrap(text: str, indent: int, width: int = 100) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=width, initial_indent=" " * indent, subsequent_indent=" " * indent)
+
+
+def section_help(section: str) -> str:
+    """Plain-text help for one config section: each field, its default and what it does."""
+    import inspect
+
+    if section == "sparsity":
+        import dataclasses
+
+        from .config import SparsityConfig
+
+        docs = doc_args(SparsityConfig)
+        params = [(f.name, f.default) for f in dataclasses.fields(SparsityConfig)]
+        title = "sparsity (SparsityConfig: which layers become N:M sparse, and how)"
+    else:
+        if section == "model":
+            from .models import CausalLMModule as cls
+
+            title = "model (CausalLMModule: a causal LM built from a transformers config)"
+            docs = doc_args(cls)
+        elif section == "data":
+            from .data import TextDataModule as cls
+
+            title = "data (TextDataModule: text source, tokenizer, blocks)"
+            docs = doc_args(cls)
+        else:
+            from lightning.pytorch import Trainer as cls
+
+            title = "trainer (lightning.Trainer)"
+            docs = doc_args(cls.__init__)
+        params = [(n, p.default) for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"]
+    lines = [f"{title}; set in a recipe's `{section}:` section or with --{section}.FIELD VALUE", ""]
+    for name, default in params:
+        shown = "required" if default is inspect.Parameter.empty else f"default {default!r}"
+        lines.append(f"  --{section}.{name}  ({shown})")
+        if name in docs:
+            lines.append(_wrap(plain(docs[name]), 6))
+    return "\n".join(lines)
+
+
+def fit_help(cmd: str) -> str:
+    """The short ``sparsetrain fit --help`` page: the run options and the sparsity section first."""
+    return "\n".join([
+        f"usage: sparsetrain {cmd} [--config RECIPE.yaml] [--SECTION.FIELD VALUE ...] [--run_name NAME]",
+        f"       {' ' * len(cmd)}             [--ckpt_path last|RUN_DIR|FILE.ckpt] [--threads N] [--debug]",
+        "",
+        "Run options:",
+        "  --config FILE       a recipe (default recipes/tiny-s-ste.yaml); repeat to layer several",
+        "  --run_name NAME     the run's directory under trainer.default_root_dir (default: the next run_N)",
+        "  --ckpt_path P       resume (fit) or evaluate: a .ckpt file, a run directory (its newest good",
+        "                      checkpoint) or `last` (newest checkpoint of --run_name, else of the newest run)",
+        "  --threads N         torch CPU threads (default: the cores not busy with other processes)",
+        "  --debug             show full tracebacks (also SPARSETRAIN_DEBUG=1)",
+        "  --print_config      print the resolved config and exit",
+        "",
+        section_help("sparsity"),
+        "",
+        f"More: sparsetrain {cmd} --help model | data | trainer  (one section each),",
+        f"      sparsetrain {cmd} --help all  (Lightning's full list of options).",
+    ])
+
+
+# ---------------------------------------------------------------------------------------- fit / validate / test
+
+def _make_cli_class(state: Dict[str, Any]):
+    # Imported here so that `sparsetrain --help`, `export --help` and `prune` do not pay for Lightning.
+    from lightning.pytorch.callbacks import Callback, ModelSummary
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.loggers import CSVLogger
 
     from .callbacks import SparseTraining
-    from .config import SparsityConfig
+    from .config import TARGET_PRESETS, SparsityConfig
+    from .progress import default_progress_bar
+    from . import runs
+
+    class RunSummary(Callback):
+        """Times the fit and remembers which steps were checkpointed."""
+
+        def __init__(self) -> None:
+            self.started = self.ended = None
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            self.started = time.perf_counter()
+
+        def on_fit_end(self, trainer, pl_module) -> None:
+            self.ended = time.perf_counter()
+
+    class OneLineModelSummary(ModelSummary):
+        """The parameter count in one line, instead of Lightning's table (and its "Total FLOPs: 0")."""
+
+        @staticmethod
+        def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                      total_flops=0, **kwargs) -> None:
+            from lightning.pytorch.utilities.model_summary import get_human_readable_count
+
+            print(f"model: {get_human_readable_count(total_parameters)} parameters "
+                  f"({get_human_readable_count(trainable_parameters)} trainable, {model_size:.1f} MB)")
 
     class SparseTrainCLI(LightningCLI):
-        """`LightningCLI` with a ``sparsity`` section that becomes a `SparseTraining` callback."""
+        """`LightningCLI` with a ``sparsity`` section that becomes a `SparseTraining` callback, and run directories."""
 
         @staticmethod
         def subcommands() -> dict:
@@ -54,17 +375,72 @@ def _make_cli_class():
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_class_arguments(SparsityConfig, "sparsity")
+            parser.add_argument("--run_name", type=Optional[str], default=None,
+                                help="the run's directory under trainer.default_root_dir (default: next run_N)")
+            parser.add_argument("--threads", type=Optional[int], default=None,
+                                help="torch CPU threads (default: the cores not busy with other processes)")
             # The model's vocabulary and context follow the data, so a recipe states them once.
             parser.link_arguments("data.block_size", "model.block_size")
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
+        def _parse_ckpt_path(self) -> None:
+            # Lightning would read the checkpoint here and silently replace the model section with
+            # its hyper-parameters. `before_instantiate_classes` resolves the path instead (run
+            # directories, `last`, unreadable files) and makes a differing field an error.
+            return
+
         def before_instantiate_classes(self) -> None:
-            # Check the sparsity section first, so a bad value is a one-line error, not a traceback.
-            section = self._get(self.config, "sparsity")
+            cfg = self.config[self.subcommand]
+            section = dict(cfg.sparsity)
             try:
-                SparsityConfig(**dict(section))
+                SparsityConfig(**section)
             except (TypeError, ValueError) as e:
-                self.parser.error(f"invalid `sparsity` section: {e}")
+                raise UsageError(f"invalid `sparsity` section: {e}") from None
+            targets = section.get("targets")
+            if isinstance(targets, str) and targets not in TARGET_PRESETS:
+                try:
+                    re.compile(targets)
+                except re.error as e:
+                    raise UsageError(f"`sparsity.targets`={targets!r} is neither {' nor '.join(map(repr, TARGET_PRESETS))} "
+                                     f"nor a valid regular expression: {e}") from None
+            state["threads_line"] = set_threads(cfg.get("threads"))
+
+            root = Path(cfg.trainer.default_root_dir or "runs")
+            run_name = cfg.get("run_name")
+            ckpt_path = cfg.get("ckpt_path")
+            run_dir = None
+            if ckpt_path:
+                ckpt = runs.resolve_checkpoint(str(ckpt_path), root=root, run_name=run_name, what="--ckpt_path")
+                loaded = runs.load_checkpoint(ckpt, what="--ckpt_path")
+                bad = runs.config_mismatch(loaded, dict(cfg.model), section)
+                if bad is None:
+                    bad = _data_mismatch(loaded, dict(cfg.data))
+                step = loaded.get("global_step")
+                del loaded
+                if bad is not None:
+                    field, old, new = bad
+                    raise UsageError(
+                        f"{ckpt} was trained with {field}={old!r} but this run has {field}={new!r}; "
+                        f"use the same {field} to resume it, or start a new run (without --ckpt_path)")
+                cfg.ckpt_path = str(ckpt)
+                run_dir = runs.run_dir_of(ckpt)
+                verb = "resuming" if self.subcommand == "fit" else "evaluating"
+                state["ckpt_line"] = f"{verb} {ckpt} (step {step})"
+            if run_dir is None and _rank() > 0 and os.environ.get(RUN_DIR_ENV):
+                run_dir = Path(os.environ[RUN_DIR_ENV])  # the directory rank 0 chose, not the next free one
+            if run_dir is None:
+                try:
+                    run_dir = runs.new_run_dir(root, run_name)
+                except ValueError as e:
+                    raise UsageError(str(e)) from None
+            if _rank() == 0:
+                os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the processes a DDP launcher starts
+            state["root_existed"] = root.exists()
+            state["root"] = root
+            state["run_dir"] = run_dir
+            state["new_run"] = not run_dir.exists()
+            logs = run_dir / "logs"
+            state["logs_before"] = set(logs.iterdir()) if logs.is_dir() else set()
 
         def instantiate_trainer(self, **kwargs):
             cfg = self._get(self.config_init, "sparsity")
@@ -73,62 +449,140 @@ def _make_cli_class():
             extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
             extra.append(SparseTraining(config=cfg))
             trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-            bar = _default_progress_bar(trainer_config, extra)
+            run_dir: Path = state["run_dir"]
+            # Lightning's own defaults (logs, profiler output) land in the run directory, not beside it.
+            trainer_config["default_root_dir"] = str(run_dir)
+            if trainer_config.get("logger") in (None, True):
+                trainer_config["logger"] = CSVLogger(save_dir=str(run_dir), name="logs")
+            bar = default_progress_bar(trainer_config, extra)
             if bar is not None:
                 extra.append(bar)
-            return self._instantiate_trainer(trainer_config, extra)
+            given = extra + list(trainer_config.get("callbacks") or [])
+            if trainer_config.get("enable_model_summary", True) is not False and not any(
+                    isinstance(c, ModelSummary) for c in given):
+                extra.append(OneLineModelSummary())
+            summary = RunSummary()
+            extra.append(summary)
+            state["summary"] = summary
+            trainer = self._instantiate_trainer(trainer_config, extra)
+            for cb in trainer.checkpoint_callbacks:
+                if getattr(cb, "dirpath", None) is None:  # a recipe names no folder: this run's own
+                    cb.dirpath = str(run_dir / runs.CKPT_DIR)
+            if trainer.is_global_zero:
+                print(f"run: {run_dir}" + (" (new)" if state["new_run"] else "")
+                      + (f"; {state['ckpt_line']}" if "ckpt_line" in state else "") + f"; {state['threads_line']}")
+            return trainer
 
     return SparseTrainCLI
 
 
-def _default_progress_bar(trainer_config: dict, extra: list):
-    """The progress bar Lightning would add, told that a run bounded by ``max_steps`` has no last epoch.
+def _rank() -> int:
+    """This process's rank under a launcher that sets ``RANK`` / ``LOCAL_RANK`` (0 otherwise)."""
+    for var in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
 
-    Lightning's rich bar labels training ``Epoch {e}/{max_epochs - 1}``, which reads "Epoch 0/-2"
-    for the recipes' endless text stream (``max_epochs=-1``). Returns None where Lightning's own
-    choice is fine: the bar disabled, one given by the user, or no `rich` (the tqdm bar).
-    """
-    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
-    given = list(extra) + list(trainer_config.get("callbacks") or [])
-    if not trainer_config.get("enable_progress_bar", True) or not _RICH_AVAILABLE:
-        return None
-    if any(isinstance(c, ProgressBar) for c in given):
-        return None
+def _data_mismatch(ckpt: dict, data: dict):
+    """A data field that changes the model's vocabulary (the tokenizer), as ``(field, old, new)``, or None."""
+    old = ckpt.get("datamodule_hyper_parameters") or {}
+    for field in ("tokenizer", "bpe_vocab_size"):
+        if field in old and field in data and old[field] != data[field]:
+            if field == "bpe_vocab_size" and old.get("tokenizer") != "bpe":
+                continue
+            return f"data.{field}", old[field], data[field]
+    return None
 
-    class StepsRichProgressBar(RichProgressBar):
-        def _get_train_description(self, current_epoch: int) -> str:
-            max_epochs = self.trainer.max_epochs
-            if max_epochs is not None and max_epochs >= 0:
-                return super()._get_train_description(current_epoch)
-            steps = self.trainer.max_steps
-            desc = f"Epoch {current_epoch}" + (f" (max {steps} steps)" if steps and steps > 0 else "")
-            return f"{desc:{len(self.validation_description)}}"
 
-    return StepsRichProgressBar()
+def _clean_up_failed_run(state: Dict[str, Any]) -> None:
+    """Remove what a failed command created and that holds nothing (no checkpoint, no metrics)."""
+    run_dir: Optional[Path] = state.get("run_dir")
+    if run_dir is None or not run_dir.exists():
+        return
+    from .runs import run_checkpoints
+
+    logs = run_dir / "logs"
+    if logs.is_dir():
+        for version in set(logs.iterdir()) - state.get("logs_before", set()):
+            if version.is_dir() and not (version / "metrics.csv").exists():
+                shutil.rmtree(version, ignore_errors=True)
+        if not any(logs.iterdir()):
+            logs.rmdir()
+    if state.get("new_run") and not run_checkpoints(run_dir) and not any(run_dir.rglob("metrics.csv")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        root = state.get("root")
+        if root is not None and not state.get("root_existed") and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+
+
+def fit_summary(cli, state: Dict[str, Any]) -> str:
+    """The lines printed when ``fit`` ends: where the run is, what it reached, how to export it."""
+    from .runs import checkpoint_problem, run_checkpoints
+
+    trainer = cli.trainer
+    run_dir: Path = state["run_dir"]
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+    def fmt(key, spec=".4f"):
+        return format(metrics[key], spec) if key in metrics else "n/a"
+
+    ckpts = [c for c in run_checkpoints(run_dir) if checkpoint_problem(c) is None]
+    summary = state.get("summary")
+    wall = (summary.ended - summary.started) if summary is not None and summary.ended else None
+    out = Path("exported") / f"{run_dir.parent.name}-{run_dir.name}"
+    lines = [
+        f"run {'interrupted' if getattr(trainer, 'interrupted', False) else 'finished'}: {run_dir}",
+        f"  steps {trainer.global_step}" + (f", wall time {wall:.1f} s" if wall is not None else ""),
+        f"  train/loss {fmt('train/loss')}, val/loss {fmt('val/loss')}",
+        f"  target layers: zero fraction {fmt('sparsity/zero_fraction')}, flip rate {fmt('sparsity/flip_rate', '.2e')}",
+        f"  checkpoint: {ckpts[0] if ckpts else 'none written'}",
+    ]
+    if ckpts:
+        import shlex
+
+        lines.append(f"  export: sparsetrain export --ckpt {shlex.quote(str(run_dir))} --out {shlex.quote(str(out))}")
+    return "\n".join(lines)
 
 
 def run_lightning(argv: Sequence[str]):
     """Run ``fit``/``validate``/``test`` with ``argv`` (the subcommand first); returns the CLI object."""
+    argv = list(argv)
+    cmd = argv[0]
+    for f in _config_files(argv):
+        check_config_file(f)
+    if not _config_files(argv) and DEFAULT_RECIPE.exists():
+        argv[1:1] = ["--config", str(DEFAULT_RECIPE)]
+    check_overrides(argv[1:])
+
     from .data import TextDataModule
     from .models import CausalLMModule
 
-    argv = list(argv)
-    if not any(a == "--config" or a.startswith("--config=") for a in argv) and not {"-h", "--help"} & set(argv):
-        if DEFAULT_RECIPE.exists():
-            argv[1:1] = ["--config", str(DEFAULT_RECIPE)]
-    cli_cls = _make_cli_class()
-    # We pass `args` ourselves (with the default recipe filled in); Lightning's warning about
-    # `args` next to `sys.argv` does not apply.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    return cli_cls(
-        CausalLMModule,
-        TextDataModule,
-        args=argv,
-        # A resumed run writes its config.yaml into the same directory as the run it continues.
-        save_config_kwargs={"overwrite": True},
-    )
+    import torch
+
+    _quiet_third_party()
+    state: Dict[str, Any] = {}
+    cli_cls = _make_cli_class(state)
+    threads_before = torch.get_num_threads()  # `--threads` is for this command, not for its caller
+    try:
+        cli = cli_cls(
+            CausalLMModule,
+            TextDataModule,
+            args=argv,
+            # A resumed run writes its config.yaml into its own new logs/version_N.
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "sparsetrain", "exit_on_error": False,
+                           **{c: {"exit_on_error": False} for c in LIGHTNING_SUBCOMMANDS}},
+        )
+    except BaseException:
+        _clean_up_failed_run(state)
+        raise
+    finally:
+        torch.set_num_threads(threads_before)
+    if cmd == "fit" and "run_dir" in state and cli.trainer.is_global_zero:
+        print(fit_summary(cli, state))
+    return cli
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -138,31 +592,44 @@ def _clean_hparams(hparams: dict) -> dict:
     return {k: v for k, v in hparams.items() if not k.startswith("_")}
 
 
-def load_module_from_checkpoint(ckpt_path: str):
+def load_module_from_checkpoint(ckpt_path: str, what: str = "ckpt"):
     """A `CausalLMModule` (with its sparse layers, if it was trained sparse) from a checkpoint.
 
-    Returns:
-        ``(module, checkpoint dict)``.
-    """
-    import torch
+    Args:
+        ckpt_path: a ``.ckpt`` file or a run directory (its newest readable checkpoint).
+        what: the argument's name in error messages.
 
+    Returns:
+        ``(module, checkpoint dict)``; the dict's ``"_path"`` is the file that was read.
+
+    Raises:
+        ValueError: (a `runs.CheckpointError`) the path is missing, empty, truncated, not a
+            sparsetrain checkpoint, or its weights do not fit the model its hyper-parameters describe.
+    """
+    from . import runs
     from .config import SparsityConfig
     from .models import CausalLMModule
     from .nn import sparsify
 
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ValueError(f"`ckpt`={ckpt_path!r} is not a file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"`ckpt`={ckpt_path!r} is not a sparsetrain (Lightning) checkpoint of a CausalLMModule")
+    path = runs.resolve_checkpoint(ckpt_path, what=what)
+    ckpt = runs.load_checkpoint(path, what=what)
+    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise runs.CheckpointError(f"`{what}`={ckpt_path!r} is not a sparsetrain (Lightning) checkpoint of a "
+                                   "CausalLMModule")
     module = CausalLMModule(**_clean_hparams(ckpt["hyper_parameters"]))
     cfg = ckpt.get("sparsity_config")
     if cfg is not None:
         cfg = SparsityConfig(**cfg)
         sparsify(module, cfg)
-    module.load_state_dict(ckpt["state_dict"])
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise runs.CheckpointError(f"`{what}`={str(path)!r}: the weights do not fit the model its config describes "
+                                   f"({detail})") from e
     module.eval()
+    ckpt["_path"] = str(path)
     return module, ckpt
 
 
@@ -171,51 +638,104 @@ def _export_main(argv: Sequence[str]) -> int:
         prog="sparsetrain export",
         description="Write a transformers save_pretrained directory with the trained N:M sparse weights.",
     )
-    p.add_argument("--ckpt", required=True, help="a checkpoint written by `sparsetrain fit`")
+    p.add_argument("--ckpt", required=True,
+                   help="a run directory (its newest readable checkpoint is used) or a .ckpt written by `sparsetrain fit`")
     p.add_argument("--out", required=True, help="output directory (created)")
     args = p.parse_args(list(argv))
-    try:
-        info = export_checkpoint(args.ckpt, args.out)
-    except ValueError as e:
-        p.error(str(e))
+    from transformers.utils import logging as hf_logging
+
     from .hub import export_summary
 
+    hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar says nothing
+    info = export_checkpoint(args.ckpt, args.out)  # errors: one line, from `main`
     print(export_summary(info, args.out))
     return 0
 
 
 # ---------------------------------------------------------------------------------------- main
 
-_USAGE = """usage: sparsetrain {fit,validate,test,export,prune,report} ...
+_USAGE = """usage: sparsetrain {fit,validate,test,export,prune,report} ... [--debug]
 
   fit | validate | test   train or evaluate a recipe:  sparsetrain fit --config recipes/tiny-s-ste.yaml
-  export                  sparsetrain export --ckpt CKPT --out DIR  (transformers save_pretrained, N:M weights)
+                          (each fit writes its own run directory, printed at start and end)
+  export                  sparsetrain export --ckpt RUN_DIR|CKPT --out DIR  (transformers save_pretrained, N:M weights)
   prune                   one-shot N:M pruning of a trained model (sparsetrain prune --help)
   report                  sparsetrain report RUN_DIR [RUN_DIR ...] [--dense RUN_DIR]  (curves PNG, final numbers)
 
-Run `sparsetrain SUBCOMMAND --help` for the options of one subcommand."""
+Run `sparsetrain SUBCOMMAND --help` for the options of one subcommand (`sparsetrain fit --help sparsity`
+for the sparsity options alone). Errors are one line; --debug or SPARSETRAIN_DEBUG=1 shows the traceback."""
+
+
+def _user_error(e: BaseException) -> Optional[str]:
+    """The one-line message of an error caused by what the user asked for, or None for a bug."""
+    try:
+        from jsonargparse import ArgumentError as JsonArgumentError
+    except ImportError:  # pragma: no cover
+        JsonArgumentError = argparse.ArgumentError
+    if isinstance(e, (JsonArgumentError, argparse.ArgumentError)):
+        lines = [l.strip() for l in str(e).strip().splitlines() if l.strip() and not l.startswith("usage:")]
+        return " ".join(lines[-3:]) if lines else type(e).__name__
+    if isinstance(e, RuntimeError) and "state_dict" in str(e):  # size mismatch while loading weights
+        lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+        return "the checkpoint does not fit this model: " + " ".join(lines[:2])
+    if isinstance(e, (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)):
+        text = str(e).strip() or type(e).__name__
+        return " ".join(l.strip() for l in text.splitlines()[:2])
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``sparsetrain`` console script."""
+    """Entry point of the ``sparsetrain`` console script; returns the exit code.
+
+    A user error (a bad path, field or value) prints one line, ``sparsetrain CMD: error: ...``, and
+    returns 2; with ``--debug`` anywhere in ``argv`` or ``SPARSETRAIN_DEBUG=1`` it raises instead.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(_USAGE)
         return 0 if argv else 2
     cmd = argv[0]
-    if cmd == "export":
-        return _export_main(argv[1:])
-    if cmd == "report":
-        from .report import main as report_main
-
-        return report_main(argv[1:])
-    if cmd == "prune":
-        from .pruning.cli import main as prune_main  # another part of the package; loaded only when asked
-
-        return prune_main(argv[1:]) or 0
     if cmd in LIGHTNING_SUBCOMMANDS:
-        run_lightning(argv)
-        return 0
+        help_at = next((i for i, a in enumerate(argv) if a in ("-h", "--help")), None)
+        if help_at is not None:
+            view = argv[help_at + 1] if help_at + 1 < len(argv) else None
+            if view == "all":
+                argv = argv[:help_at + 1]
+            else:
+                if view in SECTIONS:
+                    print(section_help(view))
+                elif view is None or view.startswith("-"):
+                    print(fit_help(cmd))
+                else:
+                    print(f"sparsetrain {cmd}: error: no help view {view!r}; choose from "
+                          f"{', '.join(SECTIONS)}, all", file=sys.stderr)
+                    return 2
+                return 0
+    try:
+        if cmd == "export":
+            return _export_main(argv[1:])
+        if cmd == "report":
+            from .report import main as report_main
+
+            return report_main(argv[1:])
+        if cmd == "prune":
+            from .pruning.cli import main as prune_main  # another part of the package; loaded only when asked
+
+            try:
+                return prune_main(argv[1:]) or 0
+            except SystemExit as e:  # its argument errors (already printed)
+                return e.code if isinstance(e.code, int) else 2
+        if cmd in LIGHTNING_SUBCOMMANDS:
+            run_lightning(argv)
+            return 0
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        message = None if debug else _user_error(e)
+        if message is None:
+            raise
+        print(f"sparsetrain {cmd}: error: {message}\n  (--debug shows the traceback)", file=sys.stderr)
+        return 2
     print(f"sparsetrain: unknown subcommand {cmd!r}\n\n{_USAGE}", file=sys.stderr)
     return 2
 

@@ -168,7 +168,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> dict:
     setattr(hf_model.config, METADATA_KEY, meta)
     hf_model.save_pretrained(out)
     info = {
-        "checkpoint": str(Path(ckpt_path).resolve()),
+        "checkpoint": str(Path(ckpt.get("_path", ckpt_path)).resolve()),  # a run directory resolves to its file
         "global_step": ckpt.get("global_step"),
         "sparsity_config": cfg,
         "nm_checked_layers": meta["layers"],

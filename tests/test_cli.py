@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -39,8 +40,6 @@ def _args(root: Path, cache: Path, *extra):
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
         "--trainer.default_root_dir", str(root),
-        "--trainer.logger.init_args.save_dir", str(root),
-        "--trainer.callbacks.init_args.dirpath", str(root / "checkpoints"),
         "--trainer.callbacks.init_args.every_n_train_steps", "4",
         "--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "64",
         "--model.warmup_steps", "2",
@@ -51,9 +50,9 @@ def _args(root: Path, cache: Path, *extra):
     ]
 
 
-def _metrics(root: Path) -> list[dict]:
+def _metrics(run: Path) -> list[dict]:
     rows = []
-    for f in sorted(root.glob("logs/version_*/metrics.csv")):
+    for f in sorted(run.glob("logs/version_*/metrics.csv")):
         rows += list(csv.DictReader(f.open()))
     return rows
 
@@ -64,10 +63,11 @@ def _series(rows, key):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """One 8-step run; returns its run directory (``ROOT/run_0``) and the token cache."""
     root = tmp_path_factory.mktemp("full")
     cache = tmp_path_factory.mktemp("cache")
     assert main(["fit", *_args(root, cache)]) == 0
-    return root, cache
+    return root / "run_0", cache
 
 
 def test_fit_logs_and_checkpoints(uninterrupted):
@@ -85,22 +85,29 @@ def test_fit_logs_and_checkpoints(uninterrupted):
     assert _series(rows, "sparsity/zero_fraction")[7] == pytest.approx(0.5, abs=1e-3)
     assert set(_series(rows, "val/loss")) == {3, 7}
     assert (root / "checkpoints" / "last.ckpt").exists()
+    assert sorted(p.name for p in root.parent.iterdir()) == ["run_0"]
 
 
-def test_resume_from_last_gives_the_same_loss_curve(uninterrupted, tmp_path):
+def test_resume_from_last_gives_the_same_loss_curve(uninterrupted, tmp_path, capsys):
     full_root, cache = uninterrupted
     kill = json.dumps({"class_path": "test_cli.KillAtStep", "init_args": {"step": 6}})
     with pytest.raises(Killed):
-        main(["fit", *_args(tmp_path, cache, "--trainer.callbacks+=" + kill)])
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+        main(["fit", *_args(tmp_path, cache, "--run_name", "killed", "--trainer.callbacks+=" + kill)])
+    run = tmp_path / "killed"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4  # the kill came after the step-4 checkpoint, before step 8
+    capsys.readouterr()
     assert main(["fit", *_args(tmp_path, cache, "--ckpt_path", "last")]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {run / 'checkpoints' / 'last.ckpt'} (step 4)" in out  # says which
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed"]  # no new run directory
+    assert not list(run.glob("checkpoints/*-v*.ckpt"))  # last.ckpt replaced, no last-v1.ckpt beside it
     full = _series(_metrics(full_root), "train/loss")
-    resumed = _series(_metrics(tmp_path), "train/loss")
+    resumed = _series(_metrics(run), "train/loss")
     assert sorted(resumed) == list(range(8))
     for step in range(8):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
-    full_val, resumed_val = _series(_metrics(full_root), "val/loss"), _series(_metrics(tmp_path), "val/loss")
+    full_val, resumed_val = _series(_metrics(full_root), "val/loss"), _series(_metrics(run), "val/loss")
     assert resumed_val[7] == pytest.approx(full_val[7], rel=1e-5)
 
 
@@ -161,41 +168,50 @@ def test_prune_a_training_checkpoint(uninterrupted, tmp_path):
 
 def test_validate_subcommand_matches_the_logged_val_loss(uninterrupted, tmp_path):
     root, cache = uninterrupted
-    args = _args(tmp_path, cache, "--ckpt_path", str(root / "checkpoints" / "last.ckpt"))
+    run = tmp_path / "copy"
+    shutil.copytree(root, run)
+    logged = _series(_metrics(run), "val/loss")[7]
+    args = _args(tmp_path, cache, "--ckpt_path", str(run))  # a run directory: its newest checkpoint
     assert main(["validate", *args]) == 0
-    logged = _series(_metrics(root), "val/loss")[7]
-    validated = [float(r["val/loss"]) for r in _metrics(tmp_path) if r.get("val/loss")]
+    validated = [float(r["val/loss"]) for r in _metrics(run) if r.get("val/loss")]
     assert validated and validated[-1] == pytest.approx(logged, rel=1e-5)
+
+
+def _short_error(capsys) -> str:
+    """The stderr of a failed command, checked to be at most two lines."""
+    err = capsys.readouterr().err.strip()
+    assert err and len(err.splitlines()) <= 2, err
+    return err
 
 
 def test_unknown_config_field_fails_naming_it(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  n_layers: 3\n")
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", RECIPE, "--config", str(bad)])
-    assert "n_layers" in capsys.readouterr().err
+    assert main(["fit", "--config", RECIPE, "--config", str(bad)]) == 2
+    err = _short_error(capsys)
+    assert f"{bad}:2: unknown field `model.n_layers`; did you mean `model.n_layer`?" in err
 
 
 def test_ill_typed_config_field_fails_naming_it(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", RECIPE, "--data.batch_size", "many"])
-    err = capsys.readouterr().err
+    assert main(["fit", "--config", RECIPE, "--data.batch_size", "many",
+                 "--trainer.default_root_dir", str(tmp_path)]) == 2
+    err = _short_error(capsys)
     assert "data.batch_size" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_bad_sparsity_value_fails_before_training(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", RECIPE, "--sparsity.method", "magic",
-              "--trainer.default_root_dir", str(tmp_path)])
-    err = capsys.readouterr().err
+    assert main(["fit", "--config", RECIPE, "--sparsity.method", "magic",
+                 "--trainer.default_root_dir", str(tmp_path)]) == 2
+    err = _short_error(capsys)
     assert "invalid `sparsity` section: Unknown `method`='magic'; valid choices:" in err
-    assert not (tmp_path / "checkpoints").exists()
+    assert not any(tmp_path.iterdir())
 
 
 def test_export_rejects_a_missing_checkpoint(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "o")])
-    assert "`ckpt`" in capsys.readouterr().err
+    assert main(["export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "o")]) == 2
+    err = _short_error(capsys)
+    assert f"`ckpt`='{tmp_path / 'nope.ckpt'}' does not exist" in err
 
 
 def test_unknown_subcommand():
@@ -231,14 +247,13 @@ def test_progress_bar_for_step_bounded_runs():
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
-    from sparsetrain.cli import _default_progress_bar
+    from sparsetrain.progress import default_progress_bar as _default_progress_bar
 
     assert _default_progress_bar({"enable_progress_bar": False}, []) is None
     assert _default_progress_bar({"callbacks": [TQDMProgressBar()]}, []) is None
     bar = _default_progress_bar({}, [])
     if not _RICH_AVAILABLE:
-        assert bar is None  # Lightning's tqdm bar has no "/-2"
-        return
+        return  # Lightning's tqdm bar has no "/-2"
     bar._trainer = types.SimpleNamespace(max_epochs=-1, max_steps=500)
     assert bar._get_train_description(0).strip() == "Epoch 0 (max 500 steps)"  # not "Epoch 0/-2"
     bar._trainer = types.SimpleNamespace(max_epochs=3, max_steps=-1)

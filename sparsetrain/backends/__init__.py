@@ -65,7 +65,20 @@ def select_backend(config_backend: str, weight, dtype=None, *, warn: bool = True
         return "cusparselt", ""
     if config_backend == "cusparselt":
         raise ValueError(f"`backend`='cusparselt' cannot run here: {reason}. Use backend='auto' or 'dense'.")
-    if warn and reason not in _WARNED:
+    if warn and reason not in _WARNED and not _expected_on_this_machine(reason):
         _WARNED.add(reason)
         warnings.warn(f"backend='auto': using the dense backend because {reason}", stacklevel=2)
     return "dense", reason
+
+
+def _expected_on_this_machine(reason: str) -> bool:
+    """True when no GPU here could have run cuSPARSELt: ``"auto"`` falling back is then silent.
+
+    On a machine without a CUDA device dense is the only way, and a warning would only be noise; a
+    GPU that cannot take a layer (its shape, dtype or architecture, a torch build without
+    cuSPARSELt, a weight left on the CPU) is worth a warning.
+    """
+    import torch
+
+    machine_level = "has no cuSPARSELt" in reason or "cuSPARSELt needs a CUDA device" in reason
+    return machine_level and not torch.cuda.is_available()

@@ -2,11 +2,11 @@
 
 Example:
     sparsetrain prune --model exported/tiny-dense --method prox --out pruned/tiny-prox
-    sparsetrain prune --model runs/tiny/checkpoints/last.ckpt --method wanda+refine \\
+    sparsetrain prune --model runs/tiny-dense/run_0 --method wanda+refine \\
         --data 'notes/**/*.txt' --out pruned/tiny-wanda
 
-``--model`` is a ``save_pretrained`` directory or a checkpoint written by ``sparsetrain fit``
-(exported first with `sparsetrain.cli.export_checkpoint`). Text comes from ``--data`` (files or
+``--model`` is a ``save_pretrained`` directory, a run directory of ``sparsetrain fit`` (its newest
+readable checkpoint) or one of its checkpoints (exported first with `sparsetrain.cli.export_checkpoint`). Text comes from ``--data`` (files or
 globs) or, by default, the Python standard library's source. It is tokenised with the model
 directory's tokenizer if it has one, else byte-level; the first ``--calib-seqs`` sequences of the
 token stream calibrate, and the last ``--eval-seqs`` (never overlapping them) measure perplexity.
@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -28,7 +29,28 @@ from .prune import PRUNE_METHODS, prune
 
 __all__ = ["main", "load_model", "token_stream", "perplexity"]
 
-_METHOD_CHOICES = [c for b in PRUNE_METHODS for c in (b, b + "+refine")]
+# prox always ends with masked refinement, so "prox+refine" is no separate choice (still accepted).
+_METHOD_CHOICES = [c for b in PRUNE_METHODS for c in ((b,) if b == "prox" else (b, b + "+refine"))]
+
+_TABLE_HELP = """\
+The table printed after pruning has one line per layer:
+  layer    qualified name of the pruned Linear / Conv1D
+  shape    out x in features of its weight
+  tokens   calibration tokens its input statistics H = X^T X were taken over
+  rel.err  ||X (W - W^)^T|| / ||X W^T|| on the calibration data, after refinement (lower is better)
+  before   the same error right after the mask was chosen, before refinement
+  refine   refinement iterations run on the layer (0 without refinement)
+  prox it  prox iterations until every group was N:M (prox only)
+  cap      whether prox stopped at its iteration cap and was projected onto N:M (prox only)
+  time s   seconds spent on the layer"""
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """An argument error is one line naming the problem, not the whole usage block."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}\n  (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _has_tokenizer(d: Path) -> bool:
@@ -42,7 +64,7 @@ def load_model(path: str, tmp: Path):
     p = Path(path).expanduser()
     if not p.exists():
         raise ValueError(f"`--model` {path!r} does not exist")
-    if p.is_file():
+    if p.is_file() or (p / "checkpoints").is_dir():  # a checkpoint, or a run directory
         from ..cli import export_checkpoint  # the training CLI knows how its checkpoints are built
 
         export_checkpoint(str(p), str(tmp))
@@ -85,24 +107,34 @@ def perplexity(model, seqs: torch.Tensor, batch_size: int) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineErrors(
         prog="sparsetrain prune",
-        description="One-shot N:M pruning (magnitude, Wanda, SparseGPT, 2:4 prox) of a trained causal LM.",
+        description="One-shot N:M pruning (magnitude, Wanda, SparseGPT, 2:4 prox) of a trained causal LM, "
+                    "with perplexity on held-out text before and after.",
+        epilog=_TABLE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="save_pretrained directory or `sparsetrain fit` checkpoint")
+    p.add_argument("--model", required=True,
+                   help="save_pretrained directory, `sparsetrain fit` run directory, or one of its .ckpt files")
     p.add_argument("--out", required=True, help="output save_pretrained directory (created)")
     p.add_argument("--method", default="prox", choices=_METHOD_CHOICES,
-                   help="'+refine' adds masked refinement; prox always refines (default: prox)")
+                   help="how masks are chosen; '+refine' adds masked gradient refinement "
+                        "(prox always refines) (default: prox)")
     p.add_argument("--data", nargs="*", default=None, help="text files or globs (default: Python stdlib source)")
-    p.add_argument("--n", type=int, default=2)
-    p.add_argument("--m", type=int, default=4)
-    p.add_argument("--refine-steps", type=int, default=1000)
+    p.add_argument("--n", type=int, default=2, help="keep n weights of every m consecutive ones along the input dim "
+                                                    "(default: 2)")
+    p.add_argument("--m", type=int, default=4, help="group size m of the N:M pattern (default: 4; prox needs 2:4)")
+    p.add_argument("--refine-steps", type=int, default=1000,
+                   help="masked refinement iterations per layer, for prox and '+refine' methods; 0 turns "
+                        "refinement off (default: 1000)")
     p.add_argument("--targets", default=None, help="regex of layer names (default: every Linear/Conv1D in the blocks)")
     p.add_argument("--transposable", action="store_true", help="N:M along rows and columns of every m x m tile")
-    p.add_argument("--calib-seqs", type=int, default=32, help="calibration sequences")
-    p.add_argument("--eval-seqs", type=int, default=32, help="held-out sequences for perplexity (0: skip)")
-    p.add_argument("--seq-len", type=int, default=256, help="capped at the model's context length")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--calib-seqs", type=int, default=32, help="calibration sequences (default: 32)")
+    p.add_argument("--eval-seqs", type=int, default=32, help="held-out sequences for perplexity; 0 skips it (default: 32)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence, capped at the model's context "
+                                                          "length (default: 256)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="sequences per forward pass, for calibration and perplexity (default: 8)")
     p.add_argument("--max-bytes", type=int, default=4_000_000, help="text read at most (bytes)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice). On a busy machine 1 can be much faster: "
@@ -112,8 +144,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``sparsetrain prune``; returns the exit code."""
+    from ..config import check_nm
+
     p = _parser()
-    args = p.parse_args(None if argv is None else list(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["prox" if a == "prox+refine" else a.replace("=prox+refine", "=prox") for a in argv]
+    args = p.parse_args(argv)
+    try:  # before anything is loaded
+        check_nm(args.n, args.m)
+        if args.method.startswith("prox") and (args.n, args.m) != (2, 4):
+            raise ValueError(f"`--method prox` is a 2:4 method; got --n {args.n} --m {args.m} (use wanda, "
+                             "sparsegpt or magnitude for other N:M)")
+    except (TypeError, ValueError) as e:
+        p.error(str(e).replace("`n`", "`--n`").replace("`m`", "`--m`"))
+    if args.refine_steps < 0:
+        p.error(f"`--refine-steps` must be >= 0, got {args.refine_steps}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" bars say nothing here
     for name in ("calib_seqs", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")

@@ -297,7 +297,8 @@ class Sparsifier:
 
     # ------------------------------------------------------------------------------ the step
     def _pre_hook(self, optimizer, args, kwargs):
-        closure = kwargs.get("closure", args[0] if args else None)
+        # `args` starts with the optimizer itself; a closure is the next positional or a keyword.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
             self.before_step()
             return None
@@ -309,7 +310,7 @@ class Sparsifier:
 
         if "closure" in kwargs:
             return args, {**kwargs, "closure": closure_then_rules}
-        return (closure_then_rules, *args[1:]), kwargs
+        return (args[0], closure_then_rules, *args[2:]), kwargs
 
     def _post_hook(self, optimizer, args, kwargs) -> None:
         self.after_step()

@@ -75,6 +75,8 @@ def train(model, sparsity, opt, data: List[torch.Tensor], record_weights: bool =
     sparsity.attach(opt, max_steps=len(data))
     h_after = opt.register_step_pre_hook(snap("after"))
     out = {"beta": {n: layer.beta.clone() for n, layer in layers}, "loss": [], "metrics": [], "weights": []}
+    transposable = sparsity.config.transposable
+    out["masks"] = [{n: layer.mask.clone() for n, layer in layers}] if transposable else []
     per_rank = GLOBAL_BATCH // world
     for x in data:
         x = x[rank * per_rank:(rank + 1) * per_rank]
@@ -88,6 +90,8 @@ def train(model, sparsity, opt, data: List[torch.Tensor], record_weights: bool =
             loss /= world
         out["loss"].append(float(loss))
         out["metrics"].append(dict(sparsity.metrics))
+        if transposable:
+            out["masks"].append({n: layer.mask.clone() for n, layer in layers})
         if record_weights:
             out["weights"].append({n: _full(layer.weight) for n, layer in layers})
     h_before.remove()
@@ -108,6 +112,7 @@ SCENARIOS = {
     "sste": dict(method="s-ste"),
     "sste_mvue": dict(method="s-ste", mvue="exact"),
     "srste": dict(method="sr-ste"),
+    "tsrste": dict(method="sr-ste", transposable=True, mask_update_interval=2),
 }
 
 
@@ -188,6 +193,7 @@ def run(rank: int, out_dir: str) -> None:
         res: Dict[str, Optional[object]] = {}
         res["ddp_sste"] = _ddp_run("sste", data)
         res["ddp_srste"] = _ddp_run("srste", data)
+        res["ddp_tsrste"] = _ddp_run("tsrste", data)
         res["ddp_mvue"] = _ddp_run("sste_mvue", data)
         res["ddp_mvue_rerun"] = _ddp_run("sste_mvue", data)
         res["mvue_local_grads"] = _mvue_local_grads(data)

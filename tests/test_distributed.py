@@ -73,7 +73,7 @@ def single():
 
     hf_logging.set_verbosity_error()
     runs = {}
-    for name in ("sste", "srste"):
+    for name in ("sste", "srste", "tsrste"):
         model = W.build_model()
         sparsity = st.Sparsifier(model, W._config(**W.SCENARIOS[name]))
         opt = torch.optim.AdamW(model.parameters(), lr=W.LR)
@@ -96,7 +96,7 @@ def _close_state(a, b, sparse_names):
 
 
 # ------------------------------------------------------------------ DDP
-@pytest.mark.parametrize("key", ["ddp_sste", "ddp_srste", "ddp_mvue"])
+@pytest.mark.parametrize("key", ["ddp_sste", "ddp_srste", "ddp_mvue", "ddp_tsrste"])
 def test_ddp_ranks_hold_identical_nm_effective_weights(ranks, key):
     r0, r1 = ranks[0][key], ranks[1][key]
     assert r0["effective"].keys() == r1["effective"].keys() and len(r0["effective"]) == 4
@@ -106,7 +106,7 @@ def test_ddp_ranks_hold_identical_nm_effective_weights(ranks, key):
     assert r0["loss"] == r1["loss"]
 
 
-@pytest.mark.parametrize("method,key", [("sste", "ddp_sste"), ("srste", "ddp_srste")])
+@pytest.mark.parametrize("method,key", [("sste", "ddp_sste"), ("srste", "ddp_srste"), ("tsrste", "ddp_tsrste")])
 def test_ddp_matches_single_process(ranks, single, method, key):
     run, ref = ranks[0][key], single[method]
     assert run["loss"] == pytest.approx(ref["loss"], abs=ATOL_LOSS)
@@ -117,6 +117,25 @@ def test_ddp_matches_single_process(ranks, single, method, key):
             initial = ref["grads"]["weight"][0][name]
             assert float(beta) == pytest.approx(ref_beta(initial), rel=1e-6), name
             assert float(beta) == float(ref["beta"][name])  # rank 0's weights are the single run's
+
+
+def test_ddp_transposable_masks_and_flip_rate(ranks, single):
+    """T-SR-STE (refresh every 2 steps): the same transposable masks on every rank and in one
+    process; the flip rate counts the entries each refresh changed, and 0 between refreshes."""
+    runs = [r["ddp_tsrste"] for r in ranks]
+    assert len(runs[0]["masks"]) == W.STEPS + 1
+    for step in range(W.STEPS + 1):
+        for name, mask in runs[0]["masks"][step].items():
+            assert torch.equal(mask, runs[1]["masks"][step][name]) and torch.equal(mask, single["tsrste"]["masks"][step][name])
+            tiles = mask.reshape(mask.shape[0] // 4, 4, mask.shape[1] // 4, 4).transpose(1, 2)  # (R, C, 4, 4)
+            assert bool((tiles.sum(-1) == 2).all() and (tiles.sum(-2) == 2).all()), name
+    masks = runs[0]["masks"]
+    total = sum(m.numel() for m in masks[0].values())
+    for step in range(1, W.STEPS + 1):
+        flips = sum(int((masks[step][n] != masks[step - 1][n]).sum()) for n in masks[step])
+        assert runs[0]["metrics"][step - 1]["sparsity/flip_rate"] == flips / total, step
+        assert (flips > 0) == (step % 2 == 0), step  # masks move at refreshes only
+    assert runs[0]["metrics"][1]["sparsity/zero_fraction"] == 0.5
 
 
 def test_ddp_mvue_draws_differ_between_ranks_and_reproduce(ranks):

@@ -179,6 +179,24 @@ def _fsdp_run(name: str, data, finish: bool = False) -> Dict[str, object]:
     return out
 
 
+def _fsdp_transposable_error() -> str:
+    """T-SR-STE under FSDP2 is refused at `attach` (a 4 x 4 tile may span two ranks' rows)."""
+    from torch.distributed.fsdp import fully_shard
+
+    import sparsetrain as st
+
+    model = build_model()
+    sparsity = st.Sparsifier(model, _config(**SCENARIOS["tsrste"]))
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    try:
+        sparsity.attach(torch.optim.AdamW(model.parameters(), lr=LR))
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
 def run(rank: int, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -199,6 +217,7 @@ def run(rank: int, out_dir: str) -> None:
         res["mvue_local_grads"] = _mvue_local_grads(data)
         res["fsdp_sste"] = _fsdp_run("sste", data, finish=True)
         res["fsdp_srste"] = _fsdp_run("srste", data)
+        res["fsdp_transposable_error"] = _fsdp_transposable_error()
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -162,6 +162,11 @@ def test_ddp_mvue_draws_differ_between_ranks_and_reproduce(ranks):
 
 
 # ------------------------------------------------------------------ FSDP2
+def test_fsdp_refuses_transposable_masks_clearly(ranks):
+    for r in ranks:
+        assert "`transposable=True` is not supported with FSDP2" in r["fsdp_transposable_error"]
+
+
 def test_fsdp_weights_are_row_shards(ranks):
     run = ranks[0]["fsdp_sste"]
     assert run["sharded"]

@@ -1,8 +1,11 @@
 """Training-step overhead of each sparse method on CPU (dense backend) against plain nn.Linear.
 
 One step = forward, backward and AdamW on a stack of GPT-2-small-sized blocks (d=768, 4d FFN,
-T=1024 tokens), FFN layers sparsified as in the papers. Methods and the dense baseline are
-timed interleaved in one run, so a ratio compares like with like on a busy machine.
+T=1024 tokens), FFN layers sparsified as in the papers, with the engine (`Sparsifier`) attached
+to the optimizer, so its per-step work (decay, metrics, mask snapshots) is part of the step.
+Methods and the dense baseline are timed interleaved in one run, so a ratio compares like with
+like on a busy machine. `benchmarks/memory_overhead.py` reuses `build`, `step` and
+`time_interleaved`.
 
     python benchmarks/step_overhead.py            # writes benchmarks/results/step_overhead.json
 """
@@ -28,18 +31,24 @@ VARIANTS = {
     "s-ste": dict(method="s-ste"),
     "s-ste+mvue": dict(method="s-ste", mvue="exact"),
     "s-ste+mvue-approx": dict(method="s-ste", mvue="approx"),
+    "t-sr-ste": dict(method="sr-ste", transposable=True),
 }
 
 
 def build(variant, d, layers, seed=0):
+    """``(model, optimizer, sparsifier)`` for one variant (no sparsifier for ``"dense"``); the
+    engine is attached to the optimizer."""
     torch.manual_seed(seed)
     cfg = GPT2Config(n_embd=d, n_layer=layers, n_head=12, n_positions=1024, vocab_size=256,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2Model(cfg)
+    sparsity = None
     if variant != "dense":
-        st.sparsify(model, st.SparsityConfig(targets="mlp", seed=seed, **VARIANTS[variant]))
+        sparsity = st.Sparsifier(model, st.SparsityConfig(targets="mlp", seed=seed, **VARIANTS[variant]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    return model, opt
+    if sparsity is not None:
+        sparsity.attach(opt)
+    return model, opt, sparsity
 
 
 def step(model, opt, x):
@@ -47,6 +56,34 @@ def step(model, opt, x):
     out.square().mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def time_interleaved(runs, x, repeats, seed=0):
+    """Step times per variant (``runs``: name -> ``(model, optimizer, ...)``): one warm-up step
+    each, then ``repeats`` rounds running every variant once, in a fresh random order per round,
+    so drifts in machine load and any position effect hit all variants alike."""
+    names = list(runs)
+    for v in names:  # warm-up: allocator, AdamW state, thread pools
+        step(*runs[v][:2], x)
+    times = {v: [] for v in names}
+    order = random.Random(seed)
+    for _ in range(repeats):
+        for v in order.sample(names, len(names)):
+            t0 = time.perf_counter()
+            step(*runs[v][:2], x)
+            times[v].append(time.perf_counter() - t0)
+    return times
+
+
+def paired_ratio(times, variant, baseline="dense"):
+    """Median over rounds of (variant time / baseline time in the same round): robust to slow
+    drifts of the machine's speed."""
+    return statistics.median(a / b for a, b in zip(times[variant], times[baseline]))
+
+
+def machine():
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def main():
@@ -62,26 +99,14 @@ def main():
     x = torch.randn(1, args.tokens, args.d)
     names = ["dense"] + args.variants
     runs = {v: build(v, args.d, args.layers) for v in names}
-    for v in names:  # warm-up: allocator, AdamW state, thread pools
-        step(*runs[v], x)
-    times = {v: [] for v in names}
-    order = random.Random(0)
-    for _ in range(args.repeats):
-        # Interleaved, in a fresh random order each round, so drifts in machine load and any
-        # position effect hit all variants alike.
-        for v in order.sample(names, len(names)):
-            t0 = time.perf_counter()
-            step(*runs[v], x)
-            times[v].append(time.perf_counter() - t0)
+    times = time_interleaved(runs, x, args.repeats)
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    # Ratio within each round, then the median: robust to slow drifts of the machine's speed.
-    paired = {v: statistics.median(a / b for a, b in zip(times[v], times["dense"])) for v in args.variants}
+    paired = {v: paired_ratio(times, v) for v in args.variants}
     result = {
         "benchmark": "step_overhead",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": machine(),
         "setup": {"d": args.d, "ffn": 4 * args.d, "layers": args.layers, "tokens": args.tokens,
-                  "repeats": args.repeats, "targets": "mlp", "backend": "dense"},
+                  "repeats": args.repeats, "targets": "mlp", "backend": "dense", "engine": "Sparsifier attached"},
         "median_step_s": med,
         "ratio_to_dense": paired,
         "ratio_of_medians": {v: med[v] / med["dense"] for v in args.variants},

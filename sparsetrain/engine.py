@@ -142,7 +142,7 @@ class Sparsifier:
         self._restored = False
         self._hooks: list = []
         self._optimizer: Optional[torch.optim.Optimizer] = None
-        self._prev_masks: Dict[str, torch.Tensor] = {}  # packed, for the flip rate only
+        self._prev_masks: Dict[str, torch.Tensor] = {}  # packed, for the flip rate only (not transposable)
         self._skip_step = False
         self._rank = 0
 
@@ -290,7 +290,7 @@ class Sparsifier:
 
     @torch.no_grad()
     def _snapshot_masks(self) -> None:
-        if self.phase != "sparse":
+        if self.phase != "sparse" or self.config.transposable:  # a transposable mask counts its own flips
             self._prev_masks = {}
             return
         self._prev_masks = {name: pack_mask(layer.current_mask()) for name, layer in self._layers}
@@ -357,13 +357,17 @@ class Sparsifier:
         refresh = cfg.transposable and self.phase == "sparse" and self.step % cfg.mask_update_interval == 0
         stats = []  # per layer: flips, zeros, non-finite weights, numel
         for name, layer in self._layers:
-            if refresh:
-                layer.refresh_transposable_mask()
+            flipped = layer.refresh_transposable_mask() if refresh else 0
             w_eff, mask = layer.projection() if self.phase == "sparse" else (local_tensor(layer.weight.detach()), None)
-            prev = self._prev_masks.get(name)
-            flips = (mask != unpack_mask(prev, mask.shape)).sum() if (mask is not None and prev is not None) else w_eff.new_zeros((), dtype=torch.long)
-            if mask is not None:
-                self._prev_masks[name] = pack_mask(mask)
+            if cfg.transposable:
+                # The stored mask changes only when refreshed, and the refresh counts its flips:
+                # no second copy of it is kept (state stays at 1 bit per weight).
+                flips = torch.tensor(flipped if mask is not None else 0, device=w_eff.device)
+            else:
+                prev = self._prev_masks.get(name)
+                flips = (mask != unpack_mask(prev, mask.shape)).sum() if (mask is not None and prev is not None) else w_eff.new_zeros((), dtype=torch.long)
+                if mask is not None:
+                    self._prev_masks[name] = pack_mask(mask)
             nonfinite = (~torch.isfinite(local_tensor(layer.weight.detach()))).sum()
             stats.append(torch.stack([flips.long(), (w_eff == 0).sum(), nonfinite, torch.tensor(w_eff.numel(), device=w_eff.device)]))
         if self.phase != "sparse":

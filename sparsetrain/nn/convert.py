@@ -151,6 +151,15 @@ def densify(model: nn.Module) -> List[str]:
     return names
 
 
+def _fully_sharded(model: nn.Module) -> bool:
+    """True when ``model`` or a submodule is managed by FSDP2's `fully_shard`."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def export(model: nn.Module, inplace: bool = False, semi_structured: bool = False) -> nn.Module:
     """A model with plain `nn.Linear` / `Conv1D` layers holding the effective weights W~.
 
@@ -166,14 +175,24 @@ def export(model: nn.Module, inplace: bool = False, semi_structured: bool = Fals
             dim, the last dim of a Linear weight); layers that cannot be stored that way (not
             2:4, or shapes off cuSPARSELt's multiples of 16) stay dense, with one warning.
 
+    Under FSDP2 (`fully_shard`) only ``inplace=True`` works: every rank must call it (each layer's
+    W~ is gathered from the shards), and the swapped layers then hold full, unsharded W~.
+
     Raises:
         ValueError: ``semi_structured=True`` where no semi-structured GEMM can run (no CUDA,
-            no cuSPARSELt, an older GPU, or a float32 model); the message says which.
+            no cuSPARSELt, an older GPU, or a float32 model); the message says which. Or a copy
+            (``inplace=False``) of an FSDP2 model, which FSDP2 cannot deepcopy.
 
     Example (GPU)::
 
         fast = export(model.half().cuda(), semi_structured=True)
     """
+    if not inplace and _fully_sharded(model):
+        raise ValueError(
+            "export(model) cannot copy a model sharded with FSDP2 `fully_shard` (FSDP2 does not support deepcopy). "
+            "Call `export(model, inplace=True)` on every rank after training: it gathers each sparse layer's W~ (a "
+            "collective) and swaps it in place."
+        )
     out = model if inplace else copy.deepcopy(model)
     layers = list(sparse_layers(out))
     if semi_structured and layers:

@@ -22,11 +22,10 @@ import triton
 import triton.language as tl
 
 from ._launch import DualKernel
+from ..ops.mvue import MVUE_CHOICES
 from ._tl_utils import round_to_bf16_bits, store_view
 
 __all__ = ["mvue24_forward"]
-
-_METHODS = ("exact", "approx")
 
 
 def _mvue24_kernel(
@@ -80,9 +79,10 @@ def _mvue24_kernel(
         else:
             u0 = tl.rand(seed, gid)
 
-    tiny = 1.1754943508222875e-38  # float32 tiny, as in ops.mvue._safe_div
+    tiny = 1.1754943508222875e-38  # float32 tiny, ops.mvue._TINY
     if APPROX:
-        e0 = a0 + 1e-30  # ops.mvue._APPROX_EPS
+        # Mirrors ops.mvue.approx_probabilities term by term (1e-30 is ops.mvue.APPROX_EPS).
+        e0 = a0 + 1e-30
         e1 = a1 + 1e-30
         e2 = a2 + 1e-30
         e3 = a3 + 1e-30
@@ -144,10 +144,11 @@ def _mvue24_kernel(
         p3 = tl.minimum(a3 * c, 1.0)
         # Systematic sampling: entry i is kept when [C_{i-1}, C_i) holds u or u+1; ceil(C - u)
         # clamped at 0 counts those points below C, and every p_i <= 1.
+        # Clamped at 2 as in ops.mvue: a float32 sum a hair above 2 and u ~ 0 would keep a third.
         c0 = p0
-        c1 = c0 + p1
-        c2 = c1 + p2
-        c3 = c2 + p3
+        c1 = tl.minimum(c0 + p1, 2.0)
+        c2 = tl.minimum(c1 + p2, 2.0)
+        c3 = tl.minimum(c2 + p3, 2.0)
         h0 = tl.maximum(tl.ceil(c0 - u0), 0.0)
         h1 = tl.maximum(tl.ceil(c1 - u0), 0.0)
         h2 = tl.maximum(tl.ceil(c2 - u0), 0.0)
@@ -163,10 +164,17 @@ def _mvue24_kernel(
         o3 = tl.where(h3 > h2, tl.where(g3 < 0, -v3, v3), 0.0)
 
     if APPROX:
-        o0 = tl.where(k0 & (p0 > 0), g0 / tl.maximum(p0, tiny), 0.0)
-        o1 = tl.where(k1 & (p1 > 0), g1 / tl.maximum(p1, tiny), 0.0)
-        o2 = tl.where(k2 & (p2 > 0), g2 / tl.maximum(p2, tiny), 0.0)
-        o3 = tl.where(k3 & (p3 > 0), g3 / tl.maximum(p3, tiny), 0.0)
+        o0 = tl.where(k0, g0 / tl.maximum(p0, tiny), 0.0)
+        o1 = tl.where(k1, g1 / tl.maximum(p1, tiny), 0.0)
+        o2 = tl.where(k2, g2 / tl.maximum(p2, tiny), 0.0)
+        o3 = tl.where(k3, g3 / tl.maximum(p3, tiny), 0.0)
+    # A group holding NaN or inf (its float32 sum is then NaN or inf) comes out all NaN, as in
+    # ops.mvue. Explicit, because tl.maximum/minimum drop NaN on the GPU but keep it interpreted.
+    bad = ~(s <= 3.4028234663852886e38)
+    o0 = tl.where(bad, float("nan"), o0)
+    o1 = tl.where(bad, float("nan"), o1)
+    o2 = tl.where(bad, float("nan"), o2)
+    o3 = tl.where(bad, float("nan"), o3)
     if OUT_BF16:
         tl.store(out_ptr + obase, round_to_bf16_bits(o0), mask=valid)
         tl.store(out_ptr + obase + s_ol, round_to_bf16_bits(o1), mask=valid)
@@ -236,8 +244,8 @@ def mvue24_forward(
         >>> int((y != 0).sum()), y[0].item()
         (2, 4.0)
     """
-    if method not in _METHODS:
-        raise ValueError(f"Unknown MVUE `method`={method!r}; valid choices: {', '.join(map(repr, _METHODS))}")
+    if method not in MVUE_CHOICES:
+        raise ValueError(f"Unknown MVUE `method`={method!r}; valid choices: {', '.join(map(repr, MVUE_CHOICES))}")
     if not g.is_floating_point():
         raise TypeError(f"`g` must be a floating tensor, got dtype {g.dtype}")
     if g.dim() == 0:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._launch import DualKernel
-from ..ops.mvue import MVUE_CHOICES
+from ..ops.mvue import _check_method
 from ._tl_utils import round_to_bf16_bits, store_view
 
 __all__ = ["mvue24_forward"]
@@ -137,11 +137,14 @@ def _mvue24_kernel(
         # When the largest is at least the other three together it is kept surely (c*amax >= 1)
         # and the others share the second slot in proportion to |g|: c = 1/rest; else c = 2/S.
         inv_c = tl.where(amax > rest, rest, s * 0.5)
-        c = 1.0 / tl.maximum(inv_c, tiny)
-        p0 = tl.minimum(a0 * c, 1.0)
-        p1 = tl.minimum(a1 * c, 1.0)
-        p2 = tl.minimum(a2 * c, 1.0)
-        p3 = tl.minimum(a3 * c, 1.0)
+        # p = min(1, a / inv_c) by division, as ops.mvue._exact_p: 1 / inv_c overflows for
+        # denormal groups. inv_c = 0: at most one non-zero, kept surely.
+        pos = inv_c > 0
+        safe = tl.where(pos, inv_c, 1.0)
+        p0 = tl.minimum(tl.where(pos, a0 / safe, tl.where(a0 > 0, 1.0, 0.0)), 1.0)
+        p1 = tl.minimum(tl.where(pos, a1 / safe, tl.where(a1 > 0, 1.0, 0.0)), 1.0)
+        p2 = tl.minimum(tl.where(pos, a2 / safe, tl.where(a2 > 0, 1.0, 0.0)), 1.0)
+        p3 = tl.minimum(tl.where(pos, a3 / safe, tl.where(a3 > 0, 1.0, 0.0)), 1.0)
         # Systematic sampling: entry i is kept when [C_{i-1}, C_i) holds u or u+1; ceil(C - u)
         # clamped at 0 counts those points below C, and every p_i <= 1.
         # Clamped at 2 as in ops.mvue: a float32 sum a hair above 2 and u ~ 0 would keep a third.
@@ -244,8 +247,7 @@ def mvue24_forward(
         >>> int((y != 0).sum()), y[0].item()
         (2, 4.0)
     """
-    if method not in MVUE_CHOICES:
-        raise ValueError(f"Unknown MVUE `method`={method!r}; valid choices: {', '.join(map(repr, MVUE_CHOICES))}")
+    _check_method(method)
     if not g.is_floating_point():
         raise TypeError(f"`g` must be a floating tensor, got dtype {g.dtype}")
     if g.dim() == 0:

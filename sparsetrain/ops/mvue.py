@@ -35,7 +35,9 @@ import torch
 
 __all__ = ["mvue24", "mvue24_probabilities", "MVUE_CHOICES"]
 
-MVUE_CHOICES = ("exact", "approx")
+from ..config import MVUE_METHODS, _fmt_choices
+
+MVUE_CHOICES = tuple(x for x in MVUE_METHODS if x is not None)  # what an estimator call takes
 # Added to |g| by the approximate estimator so that every entry has a positive probability of
 # being drawn second; small enough to vanish next to any float32 gradient that is not ~0.
 # kernels/mvue.py repeats the literal (a Triton kernel cannot read a Python global).
@@ -45,7 +47,7 @@ _TINY = torch.finfo(torch.float32).tiny
 
 def _check_method(method: str) -> None:
     if method not in MVUE_CHOICES:
-        raise ValueError(f"Unknown MVUE `method`={method!r}; valid choices: {', '.join(map(repr, MVUE_CHOICES))}")
+        raise ValueError(f"Unknown MVUE `method`={method!r}; valid choices: {_fmt_choices(MVUE_CHOICES)}")
 
 
 def exact_inv_c(a: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -59,6 +61,14 @@ def exact_inv_c(a: Sequence[torch.Tensor]) -> torch.Tensor:
     amax = torch.maximum(torch.maximum(a0, a1), torch.maximum(a2, a3))
     rest = s - amax
     return torch.where(amax > rest, rest, s * 0.5)
+
+
+def _exact_p(ak: torch.Tensor, inv_c: torch.Tensor) -> torch.Tensor:
+    """``p = min(1, a / inv_c)``, by division: ``1 / inv_c`` overflows float32 for denormal groups
+    (and clamping inv_c at tiny instead biases them). ``inv_c = 0`` means at most one non-zero:
+    it is kept surely."""
+    safe = torch.where(inv_c > 0, inv_c, torch.ones_like(inv_c))
+    return torch.where(inv_c > 0, ak / safe, (ak > 0).to(ak.dtype)).clamp_(max=1.0)
 
 
 def approx_probabilities(a: Sequence[torch.Tensor]) -> list:
@@ -92,8 +102,7 @@ def mvue24_probabilities(a: torch.Tensor, method: str = "exact") -> torch.Tensor
     _check_method(method)
     cols = a.unbind(-1)
     if method == "exact":
-        inv_c = exact_inv_c(cols).unsqueeze(-1)
-        return (a / inv_c.clamp_min(_TINY)).clamp_(max=1.0)
+        return _exact_p(a, exact_inv_c(cols).unsqueeze(-1))
     return torch.stack(approx_probabilities(cols), -1)
 
 
@@ -104,13 +113,12 @@ def _exact(a, g, u):
     either ``p_i = 1`` (the value is ``g_i``) or ``p_i = c*a_i`` (the value is ``sign(g_i)/c``).
     """
     inv_c = exact_inv_c(a)
-    c = inv_c.clamp_min(_TINY).reciprocal_()  # all-zero groups: p = 0 * huge
     # Entry k is kept when [C_{k-1}, C_k) holds u or u+1: h(C) = ceil(C - u) counts those points
     # below C. Each p_k <= 1, so no interval holds both. C is clamped at 2: float32 rounding can
     # leave it just above, and with u < 2^-23 that would count a third point (see the contract).
     out, cum, h_prev = [], None, None
     for ak, gk in zip(a, g):
-        pk = (ak * c).clamp_(max=1.0)
+        pk = _exact_p(ak, inv_c)
         cum = pk if cum is None else (cum + pk).clamp_(max=2.0)
         h = torch.sub(cum, u).ceil_()  # cum >= 0 and u < 1, so h >= -0.0: no clamp needed
         keep = h > h_prev if h_prev is not None else h > 0
@@ -215,6 +223,8 @@ def mvue24(
     dim: int = -1,
     method: str = "exact",
     generator: Optional[torch.Generator] = None,
+    *,
+    uniforms: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Unbiased 2:4 sparsification of ``g`` in groups of 4 consecutive entries along ``dim``.
 
@@ -224,6 +234,9 @@ def mvue24(
         method: ``"exact"`` (minimum variance: systematic sampling with ``p_i = min(1, c|g_i|)``)
             or ``"approx"`` (two sequential draws proportional to |g|, as in the 2by4 toolkit).
         generator: a `torch.Generator` on ``g``'s device, for reproducible draws.
+        uniforms: instead of drawing, these uniforms in ``[0, 1)``: shape ``(r, P, L // 4, Q)`` with
+            ``P``/``Q`` the products of the dims before/after ``dim`` and ``r`` 1 (``exact``) or 2
+            (``approx``), as `kernels.mvue.mvue24_forward` takes them. For tests of the contract.
 
     Returns:
         A tensor like ``g`` with at most 2 non-zeros per group and ``E[out] = g``.
@@ -247,7 +260,12 @@ def mvue24(
     # vectorised, where the same ops on stride-4 views run ~10x slower on CPU.
     x = g.reshape(pre, groups, 4, post).movedim(2, 0).float().contiguous()  # (4, pre, G, post)
     k = 1 if method == "exact" else 2
-    u = torch.rand((k, pre, groups, post), generator=generator, device=g.device, dtype=torch.float32)
+    if uniforms is None:
+        u = torch.rand((k, pre, groups, post), generator=generator, device=g.device, dtype=torch.float32)
+    elif tuple(uniforms.shape) != (k, pre, groups, post):
+        raise ValueError(f"`uniforms` must have shape {(k, pre, groups, post)}, got {tuple(uniforms.shape)}")
+    else:
+        u = uniforms.to(device=g.device, dtype=torch.float32)
     out = None
     if g.device.type == "cpu" and g.numel() >= _COMPILE_MIN_NUMEL and not _COMPILED.disabled:
         out = _COMPILED(x, u, method)

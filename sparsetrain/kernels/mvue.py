@@ -145,26 +145,33 @@ def _mvue24_kernel(
         p1 = tl.minimum(tl.where(pos, a1 / safe, tl.where(a1 > 0, 1.0, 0.0)), 1.0)
         p2 = tl.minimum(tl.where(pos, a2 / safe, tl.where(a2 > 0, 1.0, 0.0)), 1.0)
         p3 = tl.minimum(tl.where(pos, a3 / safe, tl.where(a3 > 0, 1.0, 0.0)), 1.0)
-        # Systematic sampling: entry i is kept when [C_{i-1}, C_i) holds u or u+1; ceil(C - u)
-        # clamped at 0 counts those points below C, and every p_i <= 1.
-        # Clamped at 2 as in ops.mvue: a float32 sum a hair above 2 and u ~ 0 would keep a third.
+        # Systematic sampling: entry i is kept when [C_{i-1}, C_i) holds u or u+1 (p_i <= 1).
+        # Boundaries as in ops.mvue._exact: clamped at 2, and from the last non-zero on the
+        # exact total min(2, non-zeros); points counted as (u < C) + (u < C - 1), never C - u.
+        n0 = a0 > 0
+        n1 = a1 > 0
+        n2 = a2 > 0
+        n3 = a3 > 0
+        total = tl.minimum(n0.to(tl.float32) + n1.to(tl.float32) + n2.to(tl.float32) + n3.to(tl.float32), 2.0)
         c0 = p0
         c1 = tl.minimum(c0 + p1, 2.0)
         c2 = tl.minimum(c1 + p2, 2.0)
-        c3 = tl.minimum(c2 + p3, 2.0)
-        h0 = tl.maximum(tl.ceil(c0 - u0), 0.0)
-        h1 = tl.maximum(tl.ceil(c1 - u0), 0.0)
-        h2 = tl.maximum(tl.ceil(c2 - u0), 0.0)
-        h3 = tl.maximum(tl.ceil(c3 - u0), 0.0)
+        b0 = tl.where(n1 | n2 | n3, c0, total)
+        b1 = tl.where(n2 | n3, c1, total)
+        b2 = tl.where(n3, c2, total)
+        h0 = (u0 < b0).to(tl.int32) + (u0 < b0 - 1.0).to(tl.int32)
+        h1 = (u0 < b1).to(tl.int32) + (u0 < b1 - 1.0).to(tl.int32)
+        h2 = (u0 < b2).to(tl.int32) + (u0 < b2 - 1.0).to(tl.int32)
+        h3 = (u0 < total).to(tl.int32) + (u0 < total - 1.0).to(tl.int32)
         # A kept entry's g/p is sign(g) * max(|g|, 1/c): p is 1 or c|g|.
         v0 = tl.maximum(a0, inv_c)
         v1 = tl.maximum(a1, inv_c)
         v2 = tl.maximum(a2, inv_c)
         v3 = tl.maximum(a3, inv_c)
-        o0 = tl.where(h0 > 0, tl.where(g0 < 0, -v0, v0), 0.0)
-        o1 = tl.where(h1 > h0, tl.where(g1 < 0, -v1, v1), 0.0)
-        o2 = tl.where(h2 > h1, tl.where(g2 < 0, -v2, v2), 0.0)
-        o3 = tl.where(h3 > h2, tl.where(g3 < 0, -v3, v3), 0.0)
+        o0 = tl.where(n0 & (h0 > 0), tl.where(g0 < 0, -v0, v0), 0.0)
+        o1 = tl.where(n1 & (h1 > h0), tl.where(g1 < 0, -v1, v1), 0.0)
+        o2 = tl.where(n2 & (h2 > h1), tl.where(g2 < 0, -v2, v2), 0.0)
+        o3 = tl.where(n3 & (h3 > h2), tl.where(g3 < 0, -v3, v3), 0.0)
 
     if APPROX:
         o0 = tl.where(k0, g0 / tl.maximum(p0, tiny), 0.0)

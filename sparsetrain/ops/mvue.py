@@ -8,9 +8,10 @@ The contract, for float32, bfloat16 and float16 and any shape whose ``dim`` divi
 (`tests/test_properties.py` and `tests/test_mvue.py` check each clause):
 
 1. Structure: at most 2 non-zeros in every group of finite values, whatever the uniforms (u = 0
-   and u -> 1 included). The exact estimator keeps exactly ``min(2, non-zeros of the group)``.
-   Float32 rounding can leave the cumulative inclusion probability a hair above 2; it is clamped
-   at 2, or u ~ 0 would keep a third entry (the cost is a bias of order 2^-23 in p, invisible).
+   and u -> 1 included). The exact estimator keeps exactly ``min(2, non-zeros of the group)``:
+   float32 rounding can leave the cumulative inclusion probability a hair above or below that
+   total, so the last boundary is set to the exact total and the others clamped at 2 (a shift
+   of order 2^-23 in p, invisible next to the sampling noise).
 2. Ties: the decision is a deterministic function of ``(g, u)``: equal magnitudes are handled by
    the same formulas as any others, and the kernel, given the same uniforms, keeps the same
    entries (exact: bit-equal values; approx: values within a few float32 ulp, since torch may
@@ -113,15 +114,23 @@ def _exact(a, g, u):
     either ``p_i = 1`` (the value is ``g_i``) or ``p_i = c*a_i`` (the value is ``sign(g_i)/c``).
     """
     inv_c = exact_inv_c(a)
-    # Entry k is kept when [C_{k-1}, C_k) holds u or u+1: h(C) = ceil(C - u) counts those points
-    # below C. Each p_k <= 1, so no interval holds both. C is clamped at 2: float32 rounding can
-    # leave it just above, and with u < 2^-23 that would count a third point (see the contract).
+    pos = [ak > 0 for ak in a]
+    # sum(p) is min(2, non-zeros) exactly; the float32 running sum may miss it by an ulp either
+    # way. From the last non-zero entry on, the boundary is set to that exact total, so exactly
+    # min(2, non-zeros) entries are kept for every u (above 2, u ~ 0 would keep a third; below,
+    # u ~ 1 would keep one). Earlier boundaries are clamped at 2.
+    total = (pos[0].float() + pos[1].float() + pos[2].float() + pos[3].float()).clamp_(max=2.0)
+    later = [pos[1] | pos[2] | pos[3], pos[2] | pos[3], pos[3], None]
+    # Entry k is kept when [C_{k-1}, C_k) holds u or u+1. h(C) counts those points below C as
+    # (u < C) + (u < C - 1): C - 1 is exact for C in [0.5, 2], where computing u + 1 or C - u
+    # would round (2 - (1 - 2^-24) is 1 in float32) and drop a point.
     out, cum, h_prev = [], None, None
-    for ak, gk in zip(a, g):
+    for k, (ak, gk) in enumerate(zip(a, g)):
         pk = _exact_p(ak, inv_c)
         cum = pk if cum is None else (cum + pk).clamp_(max=2.0)
-        h = torch.sub(cum, u).ceil_()  # cum >= 0 and u < 1, so h >= -0.0: no clamp needed
-        keep = h > h_prev if h_prev is not None else h > 0
+        ck = total if later[k] is None else torch.where(later[k], cum, total)
+        h = (u < ck).to(torch.int8) + (u < ck - 1.0).to(torch.int8)
+        keep = pos[k] & (h > h_prev if h_prev is not None else h > 0)
         h_prev = h
         # A NaN or inf in the group makes inv_c NaN (inf - inf or NaN in the sum), so the whole
         # group comes out NaN: max(., NaN) is NaN and NaN * 0 stays NaN.

@@ -187,8 +187,12 @@ def sste_scale(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     """
     w32 = w.detach().float()
     s = soft_threshold(w32, n, m)
-    num = (w32 * s).sum()
-    den = (s * s).sum()
+    # The two sums in float64 (once per run, so the cost does not matter): in float32 they
+    # overflow to inf / inf = NaN for weights above ~1e19. MPS has no float64.
+    acc = torch.float32 if w.device.type == "mps" else torch.float64
+    w_acc, s_acc = w32.to(acc), s.to(acc)
+    num = (w_acc * s_acc).sum()
+    den = (s_acc * s_acc).sum()
     # den is NaN when S(w) is (a non-finite group); `den > 0` alone would then answer 1.
     fallback = torch.where(torch.isnan(den), den, torch.ones_like(den))
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), fallback)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(acc).tiny), fallback).float()

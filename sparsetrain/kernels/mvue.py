@@ -133,7 +133,9 @@ def _mvue24_kernel(
     else:
         s = a0 + a1 + a2 + a3
         amax = tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3))
-        rest = s - amax
+        # The other three summed directly, as ops.mvue.exact_inv_c: s - amax cancels.
+        rest = tl.where(a0 == amax, a1 + a2 + a3,
+                        tl.where(a1 == amax, a0 + a2 + a3, tl.where(a2 == amax, a0 + a1 + a3, a0 + a1 + a2)))
         # When the largest is at least the other three together it is kept surely (c*amax >= 1)
         # and the others share the second slot in proportion to |g|: c = 1/rest; else c = 2/S.
         inv_c = tl.where(amax > rest, rest, s * 0.5)

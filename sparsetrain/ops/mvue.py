@@ -60,7 +60,11 @@ def exact_inv_c(a: Sequence[torch.Tensor]) -> torch.Tensor:
     a0, a1, a2, a3 = a
     s = a0 + a1 + a2 + a3  # in index order, as the kernel sums
     amax = torch.maximum(torch.maximum(a0, a1), torch.maximum(a2, a3))
-    rest = s - amax
+    # The other three summed directly: s - amax cancels when amax dwarfs them ([1e4, 1e-3, 2e-3]
+    # gave rest 2.93e-3 for 3e-3, so p summed to 2.02 and the clamp biased the estimate by 2%).
+    rest = torch.where(
+        a0 == amax, a1 + a2 + a3, torch.where(a1 == amax, a0 + a2 + a3, torch.where(a2 == amax, a0 + a1 + a3, a0 + a1 + a2))
+    )
     return torch.where(amax > rest, rest, s * 0.5)
 
 
@@ -124,6 +128,9 @@ def _exact(a, g, u):
     # Entry k is kept when [C_{k-1}, C_k) holds u or u+1. h(C) counts those points below C as
     # (u < C) + (u < C - 1): C - 1 is exact for C in [0.5, 2], where computing u + 1 or C - u
     # would round (2 - (1 - 2^-24) is 1 in float32) and drop a point.
+    # 0 for a finite group, NaN when it holds a NaN or inf (or its sum overflows): added to every
+    # entry, it makes such a group all NaN (a lone inf would otherwise be kept as inf).
+    poison = (a[0] + a[1] + a[2] + a[3]) * 0.0
     out, cum, h_prev = [], None, None
     for k, (ak, gk) in enumerate(zip(a, g)):
         pk = _exact_p(ak, inv_c)
@@ -132,9 +139,7 @@ def _exact(a, g, u):
         h = (u < ck).to(torch.int8) + (u < ck - 1.0).to(torch.int8)
         keep = pos[k] & (h > h_prev if h_prev is not None else h > 0)
         h_prev = h
-        # A NaN or inf in the group makes inv_c NaN (inf - inf or NaN in the sum), so the whole
-        # group comes out NaN: max(., NaN) is NaN and NaN * 0 stays NaN.
-        out.append(torch.maximum(ak, inv_c).copysign_(gk).mul_(keep))
+        out.append(torch.maximum(ak, inv_c).copysign_(gk).mul_(keep).add_(poison))
     return out
 
 

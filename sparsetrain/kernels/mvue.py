@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._launch import DualKernel
 from ..ops.mvue import _check_method
-from ._tl_utils import round_to_bf16_bits, store_view
+from ._tl_utils import bf16_bits_to_f32, load_view, round_to_bf16_bits, store_view
 
 __all__ = ["mvue24_forward"]
 
@@ -56,10 +56,16 @@ def _mvue24_kernel(
     gbase = p * s_gp + 4 * k * s_gl + q * s_gq
     obase = p * s_op + 4 * k * s_ol + q * s_oq
 
-    g0 = tl.load(g_ptr + gbase, mask=valid, other=0.0).to(tl.float32)
-    g1 = tl.load(g_ptr + gbase + s_gl, mask=valid, other=0.0).to(tl.float32)
-    g2 = tl.load(g_ptr + gbase + 2 * s_gl, mask=valid, other=0.0).to(tl.float32)
-    g3 = tl.load(g_ptr + gbase + 3 * s_gl, mask=valid, other=0.0).to(tl.float32)
+    if OUT_BF16:  # bf16 input read as bits (see _tl_utils.bf16_bits_to_f32)
+        g0 = bf16_bits_to_f32(tl.load(g_ptr + gbase, mask=valid, other=0))
+        g1 = bf16_bits_to_f32(tl.load(g_ptr + gbase + s_gl, mask=valid, other=0))
+        g2 = bf16_bits_to_f32(tl.load(g_ptr + gbase + 2 * s_gl, mask=valid, other=0))
+        g3 = bf16_bits_to_f32(tl.load(g_ptr + gbase + 3 * s_gl, mask=valid, other=0))
+    else:
+        g0 = tl.load(g_ptr + gbase, mask=valid, other=0.0).to(tl.float32)
+        g1 = tl.load(g_ptr + gbase + s_gl, mask=valid, other=0.0).to(tl.float32)
+        g2 = tl.load(g_ptr + gbase + 2 * s_gl, mask=valid, other=0.0).to(tl.float32)
+        g3 = tl.load(g_ptr + gbase + 3 * s_gl, mask=valid, other=0.0).to(tl.float32)
     a0 = tl.abs(g0)
     a1 = tl.abs(g1)
     a2 = tl.abs(g2)
@@ -297,7 +303,7 @@ def mvue24_forward(
     block = min(1024, triton.next_power_of_2(n_groups))
     grid = (triton.cdiv(n_groups, block),)
     _mvue24[grid](
-        g, store_view(out), u, seed, n_groups, big_q, k, *s_g, *s_o,
+        load_view(g), store_view(out), u, seed, n_groups, big_q, k, *s_g, *s_o,
         APPROX=approx, HAS_U=uniforms is not None, OUT_BF16=g.dtype == torch.bfloat16, BLOCK=block,
     )
     return out

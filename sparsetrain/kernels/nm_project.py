@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._launch import DualKernel
-from ._tl_utils import round_to_bf16_bits, store_view
+from ._tl_utils import bf16_bits_to_f32, load_view, round_to_bf16_bits, store_view
 
 __all__ = ["nm_project_forward"]
 
@@ -52,8 +52,10 @@ def _nm_project_kernel(
     col = tl.arange(0, M_PAD)  # (M_PAD,) position inside the group
     offs = g[:, None] * M + col[None, :]  # (BLOCK_G, M_PAD): groups are contiguous runs of M
     valid = (g[:, None] < n_groups) & (col[None, :] < M)
-    w = tl.load(w_ptr + offs, mask=valid, other=0.0)
-    w32 = w.to(tl.float32)
+    if OUT_BF16:  # bf16 input read as bits (see _tl_utils.bf16_bits_to_f32)
+        w32 = bf16_bits_to_f32(tl.load(w_ptr + offs, mask=valid, other=0))
+    else:
+        w32 = tl.load(w_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     # The rank key of ops.nm: |w| with NaN as +inf. Padding lanes (M < M_PAD, e.g. m=6) get -1:
     # they never beat a real entry.
     absw = tl.abs(w32)
@@ -135,7 +137,7 @@ def nm_project_forward(weight: torch.Tensor, n: int, m: int, method: str, beta=N
         block_g = max(1, min(4096 // m_pad, triton.next_power_of_2(n_groups)))
         grid = (triton.cdiv(n_groups, block_g),)
         _nm_project[grid](
-            w, store_view(out), mask, beta_t, n_groups,
+            load_view(w), store_view(out), mask, beta_t, n_groups,
             N=n, M=m, M_PAD=m_pad, SOFT=soft, OUT_BF16=w.dtype == torch.bfloat16, BLOCK_G=block_g,
         )
     return out, mask.view(torch.bool)

@@ -398,3 +398,15 @@ def test_transposable_nonfinite_is_an_error_in_op_and_kernel():
         ops.transposable_mask(w, 2, 4, method="exact24")
     with pytest.raises(ValueError, match="1 non-finite"):
         transposable24(w)
+
+
+def test_sste_layer_mask_is_nm_mask_on_ties():
+    """The CPU layer path used the support of S(W) as S-STE's mask; on tied groups that is smaller
+    than the kernel's top-n mask, so flip rate and zero count differed between CPU and GPU."""
+    from sparsetrain.methods import masked_weight
+
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0, -2.0, 2.0, 0.5, 0.0, 0.0, 0.0, 0.0]])
+    w_eff, mask = masked_weight(w, "s-ste", 2, 4, beta=torch.tensor(1.0))
+    assert torch.equal(mask, ref_mask(w.double().tolist(), 2, 4))
+    assert mask.tolist() == [[True, True, False, False, True, True, False, False, True, True, False, False]]
+    assert not bool(w_eff[~mask].any())  # W~ stays inside the mask

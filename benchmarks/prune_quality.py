@@ -1,18 +1,20 @@
 """One-shot 2:4 pruning quality: the paper's Table 1 at a scale this machine can run.
 
-A small dense GPT-2 (byte-level, trained here for ``--train-seconds`` on the Python standard
-library's source unless ``--model DIR`` is given) is pruned 2:4 with magnitude, Wanda, SparseGPT
-and prox, each with and without masked refinement. For each we report held-out perplexity, the mean
-relative local reconstruction error ``||X (W - W^)^T|| / ||X W^T||`` over the pruned layers, and
-wall time; the dense perplexity is the reference. Results go to
-``benchmarks/results/prune_quality.json`` and a markdown table is printed.
+Two small dense GPT-2 models (byte-level, trained here on the Python standard library's source:
+"small" is 4 layers x 128 wide, "large" 4 layers x 256 wide, 4x the parameters per layer) are
+pruned 2:4 with magnitude, Wanda, SparseGPT and prox, each with and without masked refinement
+(conjugate gradients; prox also with the paper's 1000 steps of masked gradient descent), on 3
+calibration seeds. For each we report held-out perplexity (mean ± std over the seeds), its excess
+over dense relative to SparseGPT+refine's, the mean relative local reconstruction error
+``||X (W - W^)^T|| / ||X W^T||`` and wall time with its ratio to SparseGPT+refine's, measured in
+the same run. Results go to ``benchmarks/results/prune_quality.json``; a markdown table is printed.
 
 The text stream is split by position: training uses the first 90% of the tokens, calibration
 sequences come from the start of the training part, and validation sequences from the last 10%.
 
 Example:
-    python benchmarks/prune_quality.py                       # ~10 minutes on 2 CPU cores
-    python benchmarks/prune_quality.py --train-seconds 30 --methods wanda prox --eval-seqs 16
+    python benchmarks/prune_quality.py --model-cache /tmp/prune_models     # ~1 hour on 2 CPU cores
+    python benchmarks/prune_quality.py --models small --calib-seeds 0 --variants sparsegpt+refine prox+refine
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -75,13 +78,56 @@ def _train(args, train_ids: torch.Tensor):
     return model, step
 
 
+# Two model sizes: "large" has 4x the parameters per layer (2x the width) of "small", so the
+# pruners' time can be read against layer width.
+MODELS = {"small": {"n_embd": 128, "n_layer": 4, "n_head": 4}, "large": {"n_embd": 256, "n_layer": 4, "n_head": 4}}
+
+# name -> (prune() method, refine_steps or None for --refine-steps, refine_solver)
+VARIANTS = {
+    "magnitude": ("magnitude", 0, "cg"),
+    "magnitude+refine": ("magnitude+refine", None, "cg"),
+    "wanda": ("wanda", 0, "cg"),
+    "wanda+refine": ("wanda+refine", None, "cg"),
+    "sparsegpt": ("sparsegpt", 0, "cg"),
+    "sparsegpt+refine": ("sparsegpt+refine", None, "cg"),
+    "prox (no refine)": ("prox", 0, "cg"),
+    "prox+refine": ("prox", None, "cg"),
+    # The paper's refinement: 1000 steps of masked gradient descent instead of conjugate gradients.
+    "prox+refine (gd, paper)": ("prox", 1000, "gd"),
+}
+
+
+def _dense_model(args, name: str, train_ids: torch.Tensor):
+    """The dense model `name`: loaded from --model-cache when trained before, else trained now."""
+    from transformers import AutoModelForCausalLM
+
+    cache = Path(args.model_cache) / name if args.model_cache else None
+    if cache is not None and (cache / "config.json").exists():
+        meta = json.loads((cache / "train.json").read_text())
+        return AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).eval(), meta
+    margs = argparse.Namespace(**{**vars(args), **MODELS[name],
+                                  "train_seconds": args.train_seconds * (2 if name == "large" else 1)})
+    print(f"training {name}: {margs.n_layer} layers, {margs.n_embd} wide, {margs.train_seconds:.0f} s", flush=True)
+    model, steps = _train(margs, train_ids)
+    meta = {"train_steps": steps, "train_seconds": margs.train_seconds, **MODELS[name]}
+    if cache is not None:
+        model.save_pretrained(cache)
+        (cache / "train.json").write_text(json.dumps(meta))
+    return model, meta
+
+
+def _stats(xs):
+    mean = sum(xs) / len(xs)
+    std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return mean, std
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="a save_pretrained directory with a byte-level (257-token) causal LM")
-    p.add_argument("--train-seconds", type=float, default=240)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--model-cache", default=None,
+                   help="directory where trained dense models are saved and reused (train once, prune many times)")
+    p.add_argument("--train-seconds", type=float, default=240, help="for 'small'; 'large' trains twice as long")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -89,7 +135,9 @@ def main(argv=None) -> dict:
     p.add_argument("--calib-seqs", type=int, default=64)
     p.add_argument("--eval-seqs", type=int, default=64)
     p.add_argument("--refine-steps", type=int, default=1000)
-    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "prox"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--calib-seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="each seed draws its own calibration sequences from the training split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 by default because on a shared 2-core machine two OpenMP threads "
@@ -103,56 +151,70 @@ def main(argv=None) -> dict:
     train_ids, val_ids = ids[:split], ids[split:]
     t = args.seq_len
     val = val_ids[: (len(val_ids) // t) * t].reshape(-1, t)[: args.eval_seqs]  # (N, T)
-    calib = train_ids[: args.calib_seqs * t].reshape(args.calib_seqs, t)  # (N, T)
-    calib_batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
 
-    if args.model:
-        from transformers import AutoModelForCausalLM
-
-        dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        steps = None
-    else:
-        print(f"training a {args.n_layer}-layer, {args.n_embd}-wide GPT-2 for {args.train_seconds:.0f} s", flush=True)
-        dense, steps = _train(args, train_ids)
-    dense_ppl = perplexity(dense, val, 16)
-    print(f"dense perplexity {dense_ppl:.3f}", flush=True)
-
-    rows = []
-    for base in args.methods:
-        for refine in (False, True):
-            if base == "prox":
-                method, steps_ = "prox", (args.refine_steps if refine else 0)
-            else:
-                method, steps_ = (base + "+refine" if refine else base), args.refine_steps
-            name = method if base != "prox" else ("prox+refine" if refine else "prox (no refine)")
-            model = copy.deepcopy(dense)
-            t0 = time.perf_counter()
-            report = prune(model, calib_batches, method=method, refine_steps=steps_)
-            wall = time.perf_counter() - t0
-            ppl = perplexity(model, val, 16)
-            row = {"method": name, "perplexity": ppl, "mean_rel_error": report.mean_rel_error, "seconds": wall,
-                   "layers": len(report.layers), "prox_hit_cap_layers": report.prox_hit_cap,
-                   "prox_iters_mean": (sum(l.prox_iters for l in report.layers) / len(report.layers)
-                                       if base == "prox" else None)}
-            rows.append(row)
-            print(f"  {name:<18} ppl {ppl:8.3f}  rel.err {report.mean_rel_error:.4f}  {wall:6.1f} s", flush=True)
+    models = {}
+    for mname in args.models:
+        dense, meta = _dense_model(args, mname, train_ids)
+        dense_ppl = perplexity(dense, val, 16)
+        print(f"[{mname}] dense perplexity {dense_ppl:.3f}", flush=True)
+        runs = {v: [] for v in args.variants}
+        for cseed in args.calib_seeds:
+            g = torch.Generator().manual_seed(1000 + cseed)
+            starts = torch.randint(0, len(train_ids) - t, (args.calib_seqs,), generator=g)
+            calib = torch.stack([train_ids[s_:s_ + t] for s_ in starts])  # (N, T)
+            calib_batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
+            for vname in args.variants:
+                method, steps_, solver = VARIANTS[vname]
+                steps_ = args.refine_steps if steps_ is None else steps_
+                model = copy.deepcopy(dense)
+                t0 = time.perf_counter()
+                report = prune(model, calib_batches, method=method, refine_steps=steps_, refine_solver=solver)
+                wall = time.perf_counter() - t0
+                ppl = perplexity(model, val, 16)
+                runs[vname].append({
+                    "calib_seed": cseed, "perplexity": ppl, "mean_rel_error": report.mean_rel_error,
+                    "seconds": wall, "prox_iters_mean": (sum(l.prox_iters for l in report.layers) / len(report.layers)
+                                                         if method == "prox" else None),
+                    "refine_iters_mean": sum(l.refine_iters for l in report.layers) / len(report.layers),
+                    "prox_hit_cap_layers": report.prox_hit_cap,
+                })
+                print(f"  [{mname} seed {cseed}] {vname:<24} ppl {ppl:8.3f}  rel.err {report.mean_rel_error:.4f}"
+                      f"  {wall:6.1f} s", flush=True)
+        summary = {}
+        ref_t = _stats([r["seconds"] for r in runs.get("sparsegpt+refine", [])])[0] if "sparsegpt+refine" in runs else None
+        ref_ppl = _stats([r["perplexity"] for r in runs["sparsegpt+refine"]])[0] if ref_t else None
+        for vname, rs in runs.items():
+            pm, ps = _stats([r["perplexity"] for r in rs])
+            tm, ts = _stats([r["seconds"] for r in rs])
+            summary[vname] = {
+                "perplexity_mean": pm, "perplexity_std": ps, "excess_over_dense": pm - dense_ppl,
+                "excess_ratio_to_sparsegpt_refine": ((pm - dense_ppl) / (ref_ppl - dense_ppl)
+                                                     if ref_ppl and ref_ppl != dense_ppl else None),
+                "seconds_mean": tm, "seconds_std": ts,
+                "time_ratio_to_sparsegpt_refine": tm / ref_t if ref_t else None,
+                "mean_rel_error": _stats([r["mean_rel_error"] for r in rs])[0],
+            }
+        models[mname] = {"config": meta, "dense_perplexity": dense_ppl, "summary": summary, "runs": runs}
 
     result = {
-        "setup": {**{k: v for k, v in vars(args).items() if k != "out"}, "train_steps": steps,
+        "setup": {**{k: v for k, v in vars(args).items() if k != "out"},
                   "corpus": "Python stdlib source, byte-level", "torch": torch.__version__,
-                  "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "dense_perplexity": dense_ppl,
-        "results": rows,
+                  "machine": (platform.processor() or platform.machine()) + f", {os.cpu_count()} cores (shared)",
+                  "threads": torch.get_num_threads()},
+        "models": models,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print()
-    print("| method | val. perplexity | mean rel. error | wall time (s) |")
-    print("|---|---:|---:|---:|")
-    print(f"| dense | {dense_ppl:.3f} | 0 | - |")
-    for r in rows:
-        print(f"| {r['method']} | {r['perplexity']:.3f} | {r['mean_rel_error']:.4f} | {r['seconds']:.1f} |")
+    for mname, mres in models.items():
+        print(f"\n{mname}: dense perplexity {mres['dense_perplexity']:.3f}")
+        print("| method | val. perplexity (mean ± std) | excess / SparseGPT+refine's | wall time (s) | time / SparseGPT+refine |")
+        print("|---|---:|---:|---:|---:|")
+        for vname, r in mres["summary"].items():
+            ex = r["excess_ratio_to_sparsegpt_refine"]
+            tr = r["time_ratio_to_sparsegpt_refine"]
+            print(f"| {vname} | {r['perplexity_mean']:.3f} ± {r['perplexity_std']:.3f} | "
+                  f"{'-' if ex is None else f'{ex:.2f}'} | {r['seconds_mean']:.1f} | {'-' if tr is None else f'{tr:.2f}'} |")
     return result
 
 

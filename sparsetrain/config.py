@@ -7,10 +7,11 @@ import math
 from typing import Callable, Optional, Union
 
 METHODS = ("dense", "ste", "sr-ste", "s-ste")
+# The one definition of each set of choices: `ops.mvue.MVUE_CHOICES` and
+# `backends.BACKEND_CHOICES` are these (config imports nothing from the package, so both can).
 MVUE_METHODS = (None, "exact", "approx")
 BACKENDS = ("auto", "dense", "cusparselt")
 NONFINITE_ACTIONS = ("raise", "skip")
-TARGET_PRESETS = ("mlp", "all")
 
 # A target filter receives the module and its qualified name, like torchao's `module_filter_fn`.
 TargetFilter = Callable[["object", str], bool]

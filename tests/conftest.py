@@ -45,3 +45,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Hypothesis profiles for tests/test_properties.py: "ci" (default) keeps each property's own
+# small example count; `pytest --hypothesis-profile=long` runs 20x more for a local soak.
+try:
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", deadline=None, derandomize=True)
+    _hyp_settings.register_profile("long", deadline=None, max_examples=1000)
+    _hyp_settings.load_profile("ci")
+except ImportError:  # hypothesis is a dev extra
+    pass

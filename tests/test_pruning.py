@@ -154,6 +154,46 @@ def test_refinement_never_increases_loss_and_keeps_mask():
     assert grad.abs().max() < 1e-3 * (w.double() @ h.double()).abs().max()
 
 
+def test_refine_reports_the_iterations_it_ran():
+    """The report's `refine` column: gd runs exactly `steps`; CG stops early once converged, and
+    a CG run capped below that point runs exactly the cap (issue 11: the counter was always 0)."""
+    x, w, h = _correlated_layer()
+    w_hat, mask = wanda_prune(w, h, 2, 4)
+    d = h.diagonal().sqrt()
+    hn = h / d[:, None] / d[None, :]
+    assert refine_masked(w_hat * d, w * d, hn, mask, 7, "gd")[1] == 7
+    assert refine_masked(w_hat * d, w * d, hn, mask, 3, "cg")[1] == 3
+    _, converged = refine_masked(w_hat * d, w * d, hn, mask, 10_000, "cg")
+    # CG on a problem with in/2 unknowns per row converges in at most in/2 steps in exact
+    # arithmetic; float32 needs a few more, but far from the cap.
+    assert 3 < converged < 10_000
+    assert refine_masked(w_hat * d, w * d, hn, mask, 0, "cg")[1] == 0
+
+
+def test_prune_report_refine_column_counts_iterations():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    calib = [torch.randn(64, 16) for _ in range(2)]
+    report = prune(model, calib, method="wanda+refine", refine_steps=5, refine_solver="gd", targets=".*")
+    assert [l.refine_iters for l in report.layers] == [5, 5]
+    report = prune(model, calib, method="wanda", refine_steps=5, targets=".*")
+    assert [l.refine_iters for l in report.layers] == [0, 0]
+
+
+def test_lambda_max_bounds_the_spectrum():
+    from sparsetrain.pruning.prox import lambda_max
+
+    torch.manual_seed(0)
+    for n in (4, 37, 128):
+        x = torch.randn(3 * n, n) * torch.rand(n) * 3
+        h = (x.T @ x / (3 * n)).double()
+        true = float(torch.linalg.eigvalsh(h).max())
+        est = lambda_max(h)
+        # An upper estimate: at least the true value, at most the 5% margin above it (or the trace).
+        assert true * (1 - 1e-6) <= est <= max(true * 1.05 + 1e-9, 0)
+    assert lambda_max(torch.zeros(4, 4)) == 0.0
+
+
 def test_sparsegpt_and_prox_beat_wanda_on_correlated_inputs():
     x, w, h = _correlated_layer(seed=1)
     wanda = _loss_from_x(wanda_prune(w, h, 2, 4)[0], w, x)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import warnings
 
+from ..config import BACKENDS as BACKEND_CHOICES, _fmt_choices
 from . import dense
 
 __all__ = ["dense", "get_backend", "select_backend", "BACKEND_CHOICES"]
 
-BACKEND_CHOICES = ("auto", "dense", "cusparselt")
 _WARNED: set = set()
 
 
@@ -54,7 +54,7 @@ def select_backend(config_backend: str, weight, dtype=None, *, warn: bool = True
     """
     if config_backend not in BACKEND_CHOICES:
         raise ValueError(
-            f"Unknown `backend`={config_backend!r}; valid choices: {', '.join(map(repr, BACKEND_CHOICES))}"
+            f"Unknown `backend`={config_backend!r}; valid choices: {_fmt_choices(BACKEND_CHOICES)}"
         )
     if config_backend == "dense":
         return "dense", ""

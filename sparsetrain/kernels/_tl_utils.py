@@ -23,6 +23,22 @@ def round_to_bf16_bits(x):
     return bits.to(tl.uint16).to(tl.int16, bitcast=True)
 
 
+@triton.jit
+def bf16_bits_to_f32(bits):
+    """float32 value of bfloat16 numbers loaded as their int16 bit patterns (`load_view`).
+
+    A bf16 number is the top half of a float32, so this is exact, denormals included: triton's
+    CPU interpreter flushes bf16 denormals to zero in a plain ``.to(tl.float32)``, which made the
+    interpreted kernels drop entries that torch keeps.
+    """
+    return ((bits.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+
+
+def load_view(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel reads: bf16 inputs are read as their int16 bit patterns."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
 def store_view(t: torch.Tensor) -> torch.Tensor:
     """The tensor a kernel writes into: bf16 outputs are written as their int16 bit patterns."""
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t

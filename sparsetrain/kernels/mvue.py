@@ -22,11 +22,10 @@ import triton
 import triton.language as tl
 
 from ._launch import DualKernel
-from ._tl_utils import round_to_bf16_bits, store_view
+from ..ops.mvue import _check_method
+from ._tl_utils import bf16_bits_to_f32, load_view, round_to_bf16_bits, store_view
 
 __all__ = ["mvue24_forward"]
-
-_METHODS = ("exact", "approx")
 
 
 def _mvue24_kernel(
@@ -57,10 +56,16 @@ def _mvue24_kernel(
     gbase = p * s_gp + 4 * k * s_gl + q * s_gq
     obase = p * s_op + 4 * k * s_ol + q * s_oq
 
-    g0 = tl.load(g_ptr + gbase, mask=valid, other=0.0).to(tl.float32)
-    g1 = tl.load(g_ptr + gbase + s_gl, mask=valid, other=0.0).to(tl.float32)
-    g2 = tl.load(g_ptr + gbase + 2 * s_gl, mask=valid, other=0.0).to(tl.float32)
-    g3 = tl.load(g_ptr + gbase + 3 * s_gl, mask=valid, other=0.0).to(tl.float32)
+    if OUT_BF16:  # bf16 input read as bits (see _tl_utils.bf16_bits_to_f32)
+        g0 = bf16_bits_to_f32(tl.load(g_ptr + gbase, mask=valid, other=0))
+        g1 = bf16_bits_to_f32(tl.load(g_ptr + gbase + s_gl, mask=valid, other=0))
+        g2 = bf16_bits_to_f32(tl.load(g_ptr + gbase + 2 * s_gl, mask=valid, other=0))
+        g3 = bf16_bits_to_f32(tl.load(g_ptr + gbase + 3 * s_gl, mask=valid, other=0))
+    else:
+        g0 = tl.load(g_ptr + gbase, mask=valid, other=0.0).to(tl.float32)
+        g1 = tl.load(g_ptr + gbase + s_gl, mask=valid, other=0.0).to(tl.float32)
+        g2 = tl.load(g_ptr + gbase + 2 * s_gl, mask=valid, other=0.0).to(tl.float32)
+        g3 = tl.load(g_ptr + gbase + 3 * s_gl, mask=valid, other=0.0).to(tl.float32)
     a0 = tl.abs(g0)
     a1 = tl.abs(g1)
     a2 = tl.abs(g2)
@@ -80,9 +85,10 @@ def _mvue24_kernel(
         else:
             u0 = tl.rand(seed, gid)
 
-    tiny = 1.1754943508222875e-38  # float32 tiny, as in ops.mvue._safe_div
+    tiny = 1.1754943508222875e-38  # float32 tiny, ops.mvue._TINY
     if APPROX:
-        e0 = a0 + 1e-30  # ops.mvue._APPROX_EPS
+        # Mirrors ops.mvue.approx_probabilities term by term (1e-30 is ops.mvue.APPROX_EPS).
+        e0 = a0 + 1e-30
         e1 = a1 + 1e-30
         e2 = a2 + 1e-30
         e3 = a3 + 1e-30
@@ -133,40 +139,60 @@ def _mvue24_kernel(
     else:
         s = a0 + a1 + a2 + a3
         amax = tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3))
-        rest = s - amax
+        # The other three summed directly, as ops.mvue.exact_inv_c: s - amax cancels.
+        rest = tl.where(a0 == amax, a1 + a2 + a3,
+                        tl.where(a1 == amax, a0 + a2 + a3, tl.where(a2 == amax, a0 + a1 + a3, a0 + a1 + a2)))
         # When the largest is at least the other three together it is kept surely (c*amax >= 1)
         # and the others share the second slot in proportion to |g|: c = 1/rest; else c = 2/S.
         inv_c = tl.where(amax > rest, rest, s * 0.5)
-        c = 1.0 / tl.maximum(inv_c, tiny)
-        p0 = tl.minimum(a0 * c, 1.0)
-        p1 = tl.minimum(a1 * c, 1.0)
-        p2 = tl.minimum(a2 * c, 1.0)
-        p3 = tl.minimum(a3 * c, 1.0)
-        # Systematic sampling: entry i is kept when [C_{i-1}, C_i) holds u or u+1; ceil(C - u)
-        # clamped at 0 counts those points below C, and every p_i <= 1.
+        # p = min(1, a / inv_c) by division, as ops.mvue._exact_p: 1 / inv_c overflows for
+        # denormal groups. inv_c = 0: at most one non-zero, kept surely.
+        pos = inv_c > 0
+        safe = tl.where(pos, inv_c, 1.0)
+        p0 = tl.minimum(tl.where(pos, a0 / safe, tl.where(a0 > 0, 1.0, 0.0)), 1.0)
+        p1 = tl.minimum(tl.where(pos, a1 / safe, tl.where(a1 > 0, 1.0, 0.0)), 1.0)
+        p2 = tl.minimum(tl.where(pos, a2 / safe, tl.where(a2 > 0, 1.0, 0.0)), 1.0)
+        p3 = tl.minimum(tl.where(pos, a3 / safe, tl.where(a3 > 0, 1.0, 0.0)), 1.0)
+        # Systematic sampling: entry i is kept when [C_{i-1}, C_i) holds u or u+1 (p_i <= 1).
+        # Boundaries as in ops.mvue._exact: clamped at 2, and from the last non-zero on the
+        # exact total min(2, non-zeros); points counted as (u < C) + (u < C - 1), never C - u.
+        n0 = a0 > 0
+        n1 = a1 > 0
+        n2 = a2 > 0
+        n3 = a3 > 0
+        total = tl.minimum(n0.to(tl.float32) + n1.to(tl.float32) + n2.to(tl.float32) + n3.to(tl.float32), 2.0)
         c0 = p0
-        c1 = c0 + p1
-        c2 = c1 + p2
-        c3 = c2 + p3
-        h0 = tl.maximum(tl.ceil(c0 - u0), 0.0)
-        h1 = tl.maximum(tl.ceil(c1 - u0), 0.0)
-        h2 = tl.maximum(tl.ceil(c2 - u0), 0.0)
-        h3 = tl.maximum(tl.ceil(c3 - u0), 0.0)
+        c1 = tl.minimum(c0 + p1, 2.0)
+        c2 = tl.minimum(c1 + p2, 2.0)
+        b0 = tl.where(n1 | n2 | n3, c0, total)
+        b1 = tl.where(n2 | n3, c1, total)
+        b2 = tl.where(n3, c2, total)
+        h0 = (u0 < b0).to(tl.int32) + (u0 < b0 - 1.0).to(tl.int32)
+        h1 = (u0 < b1).to(tl.int32) + (u0 < b1 - 1.0).to(tl.int32)
+        h2 = (u0 < b2).to(tl.int32) + (u0 < b2 - 1.0).to(tl.int32)
+        h3 = (u0 < total).to(tl.int32) + (u0 < total - 1.0).to(tl.int32)
         # A kept entry's g/p is sign(g) * max(|g|, 1/c): p is 1 or c|g|.
         v0 = tl.maximum(a0, inv_c)
         v1 = tl.maximum(a1, inv_c)
         v2 = tl.maximum(a2, inv_c)
         v3 = tl.maximum(a3, inv_c)
-        o0 = tl.where(h0 > 0, tl.where(g0 < 0, -v0, v0), 0.0)
-        o1 = tl.where(h1 > h0, tl.where(g1 < 0, -v1, v1), 0.0)
-        o2 = tl.where(h2 > h1, tl.where(g2 < 0, -v2, v2), 0.0)
-        o3 = tl.where(h3 > h2, tl.where(g3 < 0, -v3, v3), 0.0)
+        o0 = tl.where(n0 & (h0 > 0), tl.where(g0 < 0, -v0, v0), 0.0)
+        o1 = tl.where(n1 & (h1 > h0), tl.where(g1 < 0, -v1, v1), 0.0)
+        o2 = tl.where(n2 & (h2 > h1), tl.where(g2 < 0, -v2, v2), 0.0)
+        o3 = tl.where(n3 & (h3 > h2), tl.where(g3 < 0, -v3, v3), 0.0)
 
     if APPROX:
-        o0 = tl.where(k0 & (p0 > 0), g0 / tl.maximum(p0, tiny), 0.0)
-        o1 = tl.where(k1 & (p1 > 0), g1 / tl.maximum(p1, tiny), 0.0)
-        o2 = tl.where(k2 & (p2 > 0), g2 / tl.maximum(p2, tiny), 0.0)
-        o3 = tl.where(k3 & (p3 > 0), g3 / tl.maximum(p3, tiny), 0.0)
+        o0 = tl.where(k0, g0 / tl.maximum(p0, tiny), 0.0)
+        o1 = tl.where(k1, g1 / tl.maximum(p1, tiny), 0.0)
+        o2 = tl.where(k2, g2 / tl.maximum(p2, tiny), 0.0)
+        o3 = tl.where(k3, g3 / tl.maximum(p3, tiny), 0.0)
+    # A group holding NaN or inf (its float32 sum is then NaN or inf) comes out all NaN, as in
+    # ops.mvue. Explicit, because tl.maximum/minimum drop NaN on the GPU but keep it interpreted.
+    bad = ~(s <= 3.4028234663852886e38)
+    o0 = tl.where(bad, float("nan"), o0)
+    o1 = tl.where(bad, float("nan"), o1)
+    o2 = tl.where(bad, float("nan"), o2)
+    o3 = tl.where(bad, float("nan"), o3)
     if OUT_BF16:
         tl.store(out_ptr + obase, round_to_bf16_bits(o0), mask=valid)
         tl.store(out_ptr + obase + s_ol, round_to_bf16_bits(o1), mask=valid)
@@ -236,8 +262,7 @@ def mvue24_forward(
         >>> int((y != 0).sum()), y[0].item()
         (2, 4.0)
     """
-    if method not in _METHODS:
-        raise ValueError(f"Unknown MVUE `method`={method!r}; valid choices: {', '.join(map(repr, _METHODS))}")
+    _check_method(method)
     if not g.is_floating_point():
         raise TypeError(f"`g` must be a floating tensor, got dtype {g.dtype}")
     if g.dim() == 0:
@@ -278,7 +303,7 @@ def mvue24_forward(
     block = min(1024, triton.next_power_of_2(n_groups))
     grid = (triton.cdiv(n_groups, block),)
     _mvue24[grid](
-        g, store_view(out), u, seed, n_groups, big_q, k, *s_g, *s_o,
+        load_view(g), store_view(out), u, seed, n_groups, big_q, k, *s_g, *s_o,
         APPROX=approx, HAS_U=uniforms is not None, OUT_BF16=g.dtype == torch.bfloat16, BLOCK=block,
     )
     return out

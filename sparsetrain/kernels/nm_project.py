@@ -3,14 +3,16 @@
 Twin of `sparsetrain.ops.nm` (``nm_mask``, ``project_nm``, ``soft_threshold``): for every group of
 ``m`` consecutive entries along the last dim,
 
-- ``mask`` = ``ops.nm_mask(w, n, m)`` (the ``n`` largest |w|, ties to the lowest index),
+- ``mask`` = ``ops.nm_mask(w, n, m)`` (the ``n`` largest |w|, ties to the lowest index, NaN
+  ranked above +inf), bit-equal,
 - hard (``"ste"``/``"sr-ste"``): ``w_eff = ops.project_nm(w, n, m)``,
 - soft (``"s-ste"``): ``w_eff = (beta * ops.soft_threshold(w.float(), n, m)).to(w.dtype)``: the
   threshold, subtraction and scale run in float32 and round once to the weight dtype.
 
 For S-STE the soft-thresholded entries are a subset of the mask (an entry above the (m-n)-th
 smallest |w| beats at least m-n others), so ``w_eff`` is zero off the mask for every method and
-can be compressed to the 2:4 format directly.
+can be compressed to the 2:4 format directly. A group holding NaN or inf gives an all-NaN
+``w_eff`` group, as in ``ops.nm``.
 
 Memory traffic is one read of ``w`` plus one write of ``w_eff`` and one byte of mask per entry
 (5 bytes per bf16 entry), so the kernel is bandwidth bound; the per-group rank is ``m*m``
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._launch import DualKernel
-from ._tl_utils import round_to_bf16_bits, store_view
+from ._tl_utils import bf16_bits_to_f32, load_view, round_to_bf16_bits, store_view
 
 __all__ = ["nm_project_forward"]
 
@@ -50,10 +52,14 @@ def _nm_project_kernel(
     col = tl.arange(0, M_PAD)  # (M_PAD,) position inside the group
     offs = g[:, None] * M + col[None, :]  # (BLOCK_G, M_PAD): groups are contiguous runs of M
     valid = (g[:, None] < n_groups) & (col[None, :] < M)
-    w = tl.load(w_ptr + offs, mask=valid, other=0.0)
-    w32 = w.to(tl.float32)
-    # Padding lanes (M < M_PAD, e.g. m=6) get |w| = -1: they never beat a real entry.
-    a = tl.where(col[None, :] < M, tl.abs(w32), -1.0)
+    if OUT_BF16:  # bf16 input read as bits (see _tl_utils.bf16_bits_to_f32)
+        w32 = bf16_bits_to_f32(tl.load(w_ptr + offs, mask=valid, other=0))
+    else:
+        w32 = tl.load(w_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    # The rank key of ops.nm: |w| with NaN as +inf. Padding lanes (M < M_PAD, e.g. m=6) get -1:
+    # they never beat a real entry.
+    absw = tl.abs(w32)
+    a = tl.where(col[None, :] < M, tl.where(absw != absw, float("inf"), absw), -1.0)
     ai = a[:, :, None]  # (BLOCK_G, M_PAD, 1): the entry being ranked
     aj = a[:, None, :]  # (BLOCK_G, 1, M_PAD): its competitors
     lower = col[None, None, :] < col[None, :, None]  # competitor j sits before i
@@ -63,11 +69,14 @@ def _nm_project_kernel(
     if SOFT:
         # The (m-n)-th smallest |w| is the entry of descending rank n; ranks are a permutation.
         t = tl.sum(tl.where(rank == N, a, 0.0), axis=1)  # (BLOCK_G,)
-        d = tl.maximum(tl.abs(w32) - t[:, None], 0.0)
+        d = tl.maximum(absw - t[:, None], 0.0)
         beta = tl.load(beta_ptr).to(tl.float32)
         out = tl.where(w32 < 0, -d, d) * beta
     else:
         out = tl.where(keep, w32, 0.0)
+    # A group holding NaN or inf comes out all NaN, as in ops.nm.
+    bad = tl.max(tl.where(a == float("inf"), 1, 0), axis=1)  # (BLOCK_G,)
+    out = tl.where(bad[:, None] > 0, float("nan"), out)
     if OUT_BF16:
         tl.store(out_ptr + offs, round_to_bf16_bits(out), mask=valid)
     else:
@@ -128,7 +137,7 @@ def nm_project_forward(weight: torch.Tensor, n: int, m: int, method: str, beta=N
         block_g = max(1, min(4096 // m_pad, triton.next_power_of_2(n_groups)))
         grid = (triton.cdiv(n_groups, block_g),)
         _nm_project[grid](
-            w, store_view(out), mask, beta_t, n_groups,
+            load_view(w), store_view(out), mask, beta_t, n_groups,
             N=n, M=m, M_PAD=m_pad, SOFT=soft, OUT_BF16=w.dtype == torch.bfloat16, BLOCK_G=block_g,
         )
     return out, mask.view(torch.bool)

@@ -6,7 +6,8 @@ tiles; for each tile of ``score`` (usually ``|W|``) the kernel sums the score un
 pattern and keeps the argmax, ties going to the pattern listed first in `PATTERNS`.
 
 Work per tile: 16 loads, 16 x 128 fused multiply-adds in float32 (90 patterns padded to 128) and
-16 one-byte stores. Scores are summed in row-major order in float32.
+16 one-byte stores. Scores are summed in row-major order in float32, as ``ops.transposable`` sums
+them, so the two masks are bit-equal (ties included). Non-finite scores are a `ValueError`, as there.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def transposable24_forward(score: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"`score` must be a floating tensor, got dtype {score.dtype}")
     if score.dim() != 2 or score.shape[0] % 4 or score.shape[1] % 4:
         raise ValueError(f"`score` must be 2-D with both dims multiples of 4, got shape {tuple(score.shape)}")
+    finite = torch.isfinite(score)
+    if not bool(finite.all()):  # as ops.transposable_mask: a NaN or inf has no best pattern
+        raise ValueError(f"`score` holds {int((~finite).sum())} non-finite value(s) (NaN or inf)")
     s = score.detach().contiguous()
     rows, cols = s.shape
     mask = torch.empty(s.shape, dtype=torch.uint8, device=s.device)

@@ -49,7 +49,9 @@ def masked_weight(
     if method == "s-ste":
         # In float32 whatever the weight dtype, then rounded once: the Triton kernel does the same.
         s = soft_threshold(weight.float(), n, m)
-        return (s * beta).to(weight.dtype), (s != 0 if need_mask else None)  # the support of S(W)
+        # The mask is nm_mask, as the kernel's: the support of S(W) lies inside it and equals it
+        # except on tied groups, where the support is smaller and would differ from the GPU's.
+        return (s * beta).to(weight.dtype), (nm_mask(weight, n, m) if need_mask else None)
     mask = nm_mask(weight, n, m)
     return weight * mask, mask
 

@@ -1,8 +1,28 @@
 """Unbiased 2:4 sparsification of gradients (MVUE, Chmiel et al. 2023; used by S-STE).
 
-``mvue24(g)`` keeps exactly 2 of every 4 consecutive entries along ``dim`` (fewer only where a
-group has fewer non-zeros), rescaled so that ``E[mvue24(g)] = g``. The weight gradient
-``dW = dY^T X`` then becomes a 2:4-sparse x dense product.
+``mvue24(g)`` keeps at most 2 of every 4 consecutive entries along ``dim``, rescaled so that
+``E[mvue24(g)] = g``. The weight gradient ``dW = dY^T X`` then becomes a 2:4-sparse x dense product.
+`kernels.mvue` is the Triton twin.
+
+The contract, for float32, bfloat16 and float16 and any shape whose ``dim`` divides by 4
+(`tests/test_properties.py` and `tests/test_mvue.py` check each clause):
+
+1. Structure: at most 2 non-zeros in every group of finite values, whatever the uniforms (u = 0
+   and u -> 1 included). The exact estimator keeps exactly ``min(2, non-zeros of the group)``:
+   float32 rounding can leave the cumulative inclusion probability a hair above or below that
+   total, so the last boundary is set to the exact total and the others clamped at 2 (a shift
+   of order 2^-23 in p, invisible next to the sampling noise).
+2. Ties: the decision is a deterministic function of ``(g, u)``: equal magnitudes are handled by
+   the same formulas as any others, and the kernel, given the same uniforms, keeps the same
+   entries (exact: bit-equal values; approx: values within a few float32 ulp, since torch may
+   sum the four terms of 1/p in another order).
+3. Non-finite in, non-finite out: every entry of a group holding a NaN or an inf is NaN, so an
+   overflowed gradient stays visible to ``GradScaler`` and the engine's NaN check. Sums run in
+   float32; a group of finite values whose |g| sum overflows float32 counts as non-finite.
+4. Unbiased: ``E[out] = g`` entrywise; a kept entry is ``g_i / p_i`` with ``p_i`` its inclusion
+   probability, so its variance is ``g_i^2 (1/p_i - 1)`` (exact: the least possible among
+   unbiased 2-of-4 estimators). Outputs are computed in float32 and rounded once to ``g.dtype``;
+   ``g_i / p_i`` can exceed a float16 range that ``g`` fits in, and then rounds to inf.
 """
 
 from __future__ import annotations
@@ -10,90 +30,124 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 __all__ = ["mvue24", "mvue24_probabilities", "MVUE_CHOICES"]
 
-MVUE_CHOICES = ("exact", "approx")
+from ..config import MVUE_METHODS, _fmt_choices
+
+MVUE_CHOICES = tuple(x for x in MVUE_METHODS if x is not None)  # what an estimator call takes
 # Added to |g| by the approximate estimator so that every entry has a positive probability of
 # being drawn second; small enough to vanish next to any float32 gradient that is not ~0.
-_APPROX_EPS = 1e-30
+# kernels/mvue.py repeats the literal (a Triton kernel cannot read a Python global).
+APPROX_EPS = 1e-30
+_TINY = torch.finfo(torch.float32).tiny
 
 
-def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(b > 0, a / b.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(a))
+def _check_method(method: str) -> None:
+    if method not in MVUE_CHOICES:
+        raise ValueError(f"Unknown MVUE `method`={method!r}; valid choices: {_fmt_choices(MVUE_CHOICES)}")
+
+
+def exact_inv_c(a: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``1/c`` of the exact estimator for the four magnitude slices ``a`` (``p_i = min(1, c a_i)``).
+
+    If the largest is at least the sum ``rest`` of the other three it is kept surely and the others
+    share the second slot in proportion to |g|: ``c = 1/rest``. Otherwise ``c = 2/S``.
+    """
+    a0, a1, a2, a3 = a
+    s = a0 + a1 + a2 + a3  # in index order, as the kernel sums
+    amax = torch.maximum(torch.maximum(a0, a1), torch.maximum(a2, a3))
+    # The other three summed directly: s - amax cancels when amax dwarfs them ([1e4, 1e-3, 2e-3]
+    # gave rest 2.93e-3 for 3e-3, so p summed to 2.02 and the clamp biased the estimate by 2%).
+    rest = torch.where(
+        a0 == amax, a1 + a2 + a3, torch.where(a1 == amax, a0 + a2 + a3, torch.where(a2 == amax, a0 + a1 + a3, a0 + a1 + a2))
+    )
+    return torch.where(amax > rest, rest, s * 0.5)
+
+
+def _exact_p(ak: torch.Tensor, inv_c: torch.Tensor) -> torch.Tensor:
+    """``p = min(1, a / inv_c)``, by division: ``1 / inv_c`` overflows float32 for denormal groups
+    (and clamping inv_c at tiny instead biases them). ``inv_c = 0`` means at most one non-zero:
+    it is kept surely."""
+    safe = torch.where(inv_c > 0, inv_c, torch.ones_like(inv_c))
+    return torch.where(inv_c > 0, ak / safe, (ak > 0).to(ak.dtype)).clamp_(max=1.0)
+
+
+def approx_probabilities(a: Sequence[torch.Tensor]) -> list:
+    """Inclusion probabilities of 2by4's two sequential draws for the four slices ``a = |g|``.
+
+    With ``e = a + APPROX_EPS``, ``S = sum e`` and ``t = e / S``: entry i is drawn first with
+    probability ``t_i`` and second with ``sum_{j != i} t_j e_i / (S - e_j)``. ``S - e_j`` is summed
+    from the other three: subtracting would cancel to 0 when ``e_j`` dwarfs them. The one
+    definition both `mvue24_probabilities` and the estimator use; `kernels.mvue` mirrors it.
+    """
+    e = [ak + APPROX_EPS for ak in a]
+    others = [(e[k - 1] + e[k - 2]) + e[k - 3] for k in range(4)]
+    s = e[0] + e[1] + e[2] + e[3]  # sums in index order, as the kernel
+    t = [ek / s for ek in e]
+    v = [tk / ok for tk, ok in zip(t, others)]  # t_j / (S - e_j)
+    vsum = v[0] + v[1] + v[2] + v[3]
+    return [(tk + ek * (vsum - vk)).clamp_(max=1.0) for tk, ek, vk in zip(t, e, v)]
 
 
 def mvue24_probabilities(a: torch.Tensor, method: str = "exact") -> torch.Tensor:
     """Inclusion probabilities of each entry of groups ``a = |g|`` (shape ``[..., 4]``, float32).
 
-    ``exact``: ``p_i = min(1, c * a_i)`` with ``sum p = 2``. ``approx``: the probability that
-    2by4's draw (first index by ``a_i/S``, second among the rest by ``a``) includes ``i``.
+    ``exact``: ``p_i = min(1, c * a_i)`` with ``sum p = min(2, non-zeros)``. ``approx``: the
+    probability that 2by4's draw (first index by ``a_i/S``, second among the rest by ``a``)
+    includes ``i``.
+
+    Example:
+        >>> mvue24_probabilities(torch.tensor([[3.0, 1.0, 1.0, 0.0]]))
+        tensor([[1.0000, 0.5000, 0.5000, 0.0000]])
     """
+    _check_method(method)
+    cols = a.unbind(-1)
     if method == "exact":
-        s = a.sum(-1, keepdim=True)
-        amax = a.amax(-1, keepdim=True)
-        rest = s - amax
-        # The largest is kept surely when it outweighs the other three (then c = 1/rest).
-        inv_c = torch.where(amax > rest, rest, s * 0.5)
-        return (a / inv_c.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(max=1.0)
-    if method == "approx":
-        a = a + _APPROX_EPS
-        # S - a_j summed from the other three: subtracting would cancel to 0 when a_j dwarfs them.
-        others = a.roll(1, -1) + a.roll(2, -1) + a.roll(3, -1)
-        s = a.sum(-1, keepdim=True)
-        t = a / s
-        # P(i drawn second) = sum_{j != i} P(j first) * a_i / (S - a_j)
-        u = t / others  # (..., 4): t_j / (S - a_j)
-        second = a * (u.sum(-1, keepdim=True) - u)
-        return (t + second).clamp_(max=1.0)
-    raise ValueError(f"Unknown MVUE `method`={method!r}; valid choices: {', '.join(map(repr, MVUE_CHOICES))}")
+        return _exact_p(a, exact_inv_c(cols).unsqueeze(-1))
+    return torch.stack(approx_probabilities(cols), -1)
 
 
 def _exact(a, g, u):
-    """Exact MVUE on four slices: ``p_i = min(1, c*a_i)`` with ``sum p = 2``, systematic sampling.
+    """Exact MVUE on four slices: ``p_i = min(1, c*a_i)``, systematic sampling with one uniform.
 
     Returns the four output slices. A kept entry's value ``g_i / p_i`` is ``sign(g_i) * max(a_i, 1/c)``:
     either ``p_i = 1`` (the value is ``g_i``) or ``p_i = c*a_i`` (the value is ``sign(g_i)/c``).
     """
-    a0, a1, a2, a3 = a
-    # In-place arithmetic where a value has no later use: this runs on every backward, and on CPU
-    # each avoided temporary saves a full pass over memory.
-    s = (a0 + a1).add_(a2).add_(a3)
-    amax = torch.maximum(a0, a1)
-    torch.maximum(amax, torch.maximum(a2, a3), out=amax)
-    rest = s - amax
-    # If the largest is at least the sum of the other three it is kept surely (c*amax >= 1) and
-    # the other three share the second slot in proportion to |g|: c = 1/rest. Otherwise c = 2/S.
-    inv_c = torch.where(amax > rest, rest, s.mul_(0.5))
-    c = inv_c.clamp_min(torch.finfo(torch.float32).tiny).reciprocal_()  # all-zero groups: p = 0 * huge
-    # Entry k is kept when [C_{k-1}, C_k) holds u or u+1: h(C) = ceil(C - u) counts those points
-    # below C. Each p_k <= 1, so no interval holds both, and sum(p) entries are kept.
+    inv_c = exact_inv_c(a)
+    pos = [ak > 0 for ak in a]
+    # sum(p) is min(2, non-zeros) exactly; the float32 running sum may miss it by an ulp either
+    # way. From the last non-zero entry on, the boundary is set to that exact total, so exactly
+    # min(2, non-zeros) entries are kept for every u (above 2, u ~ 0 would keep a third; below,
+    # u ~ 1 would keep one). Earlier boundaries are clamped at 2.
+    total = (pos[0].float() + pos[1].float() + pos[2].float() + pos[3].float()).clamp_(max=2.0)
+    later = [pos[1] | pos[2] | pos[3], pos[2] | pos[3], pos[3], None]
+    # Entry k is kept when [C_{k-1}, C_k) holds u or u+1. h(C) counts those points below C as
+    # (u < C) + (u < C - 1): C - 1 is exact for C in [0.5, 2], where computing u + 1 or C - u
+    # would round (2 - (1 - 2^-24) is 1 in float32) and drop a point.
+    # 0 for a finite group, NaN when it holds a NaN or inf (or its sum overflows): added to every
+    # entry, it makes such a group all NaN (a lone inf would otherwise be kept as inf).
+    poison = (a[0] + a[1] + a[2] + a[3]) * 0.0
     out, cum, h_prev = [], None, None
-    for ak, gk in zip(a, g):
-        pk = (ak * c).clamp_(max=1.0)
-        cum = pk if cum is None else cum.add_(pk)
-        h = torch.sub(cum, u).ceil_()  # cum >= 0 and u < 1, so h >= -0.0: no clamp needed
-        keep = h > h_prev if h_prev is not None else h > 0
+    for k, (ak, gk) in enumerate(zip(a, g)):
+        pk = _exact_p(ak, inv_c)
+        cum = pk if cum is None else (cum + pk).clamp_(max=2.0)
+        ck = total if later[k] is None else torch.where(later[k], cum, total)
+        h = (u < ck).to(torch.int8) + (u < ck - 1.0).to(torch.int8)
+        keep = pos[k] & (h > h_prev if h_prev is not None else h > 0)
         h_prev = h
-        out.append(torch.maximum(ak, inv_c).copysign_(gk).mul_(keep))
+        out.append(torch.maximum(ak, inv_c).copysign_(gk).mul_(keep).add_(poison))
     return out
 
 
 def _approx(a, g, u0, u1):
     """2by4's estimator on four slices: two sequential draws (first by a_i/S, second among the
     rest by a), each kept entry divided by its inclusion probability."""
-    aa = [ak + _APPROX_EPS for ak in a]
-    # S - a_j summed from the other three: subtracting would cancel to 0 when a_j dwarfs them.
-    others = [(aa[k - 1] + aa[k - 2]) + aa[k - 3] for k in range(4)]
-    s = aa[0] + aa[1] + aa[2] + aa[3]
-    t = [ak / s for ak in aa]
-    u = [tk / ok for tk, ok in zip(t, others)]  # t_j / (S - a_j)
-    usum = u[0] + u[1] + u[2] + u[3]
-    # P(i drawn second) = sum_{j != i} P(j first) * a_i / (S - a_j)
-    p = [(tk + ak * (usum - uk)).clamp_(max=1.0) for tk, ak, uk in zip(t, aa, u)]
+    aa = [ak + APPROX_EPS for ak in a]
+    p = approx_probabilities(a)
 
     def draw(weights, r):
         total = weights[0] + weights[1] + weights[2] + weights[3]
@@ -115,8 +169,12 @@ def _approx(a, g, u0, u1):
         last_pos = torch.where(rk > 0, torch.full_like(last_pos, k), last_pos)
         chosen_w = torch.where(second == k, rk, chosen_w)
     second = torch.where(chosen_w > 0, second, last_pos)
+    # 0 for a finite group, NaN when it holds a NaN or inf (or its sum overflows): added to every
+    # entry, it makes such a group all NaN instead of zeroing it.
+    poison = (aa[0] + aa[1] + aa[2] + aa[3]) * 0.0
     return [
-        torch.where((first == k) | (second == k), _safe_div(gk, pk), 0.0) for k, (gk, pk) in enumerate(zip(g, p))
+        torch.where((first == k) | (second == k), gk / pk.clamp_min(_TINY), 0.0).add_(poison)
+        for k, (gk, pk) in enumerate(zip(g, p))
     ]
 
 
@@ -132,20 +190,46 @@ def _core(x: torch.Tensor, u: torch.Tensor, method: str):
 # one-off compile of ~6 s per process. Small tensors, where the compile would not pay, stay eager.
 # SPARSETRAIN_COMPILE=0 turns it off.
 _COMPILE_MIN_NUMEL = 1 << 20
-_COMPILED = {"fn": None, "disabled": os.environ.get("SPARSETRAIN_COMPILE", "1") == "0"}
 
 
-def _compiled_core():
-    if _COMPILED["disabled"]:
-        return None
-    if _COMPILED["fn"] is None:
-        _COMPILED["fn"] = torch.compile(lambda x, u, method: torch.stack(_core(x, u, method)), dynamic=True)
-    return _COMPILED["fn"]
+class _CompiledCore:
+    """The inductor-compiled `_core`, built on first use. If compiling fails for a reason the
+    environment explains (no C++ toolchain, an unsupported platform), it warns once and stays
+    eager for the rest of the process; any other error propagates."""
+
+    def __init__(self):
+        self.fn = None
+        self.disabled = os.environ.get("SPARSETRAIN_COMPILE", "1") == "0"
+
+    def __call__(self, x, u, method):
+        if self.fn is None:
+            self.fn = torch.compile(lambda x, u, method: torch.stack(_core(x, u, method)), dynamic=True)
+        try:
+            return self.fn(x, u, method).unbind(0)
+        except _COMPILE_ERRORS as e:
+            self.disabled = True
+            warnings.warn(
+                f"mvue24: torch.compile failed here ({type(e).__name__}: {str(e)[:200]}); MVUE runs eagerly "
+                "from now on (about 10x slower on large CPU gradients). Set SPARSETRAIN_COMPILE=0 to "
+                "skip the attempt.",
+                stacklevel=3,
+            )
+            return None
 
 
-def _disable_compile(err: Exception) -> None:
-    _COMPILED["disabled"] = True
-    warnings.warn(f"mvue24: torch.compile is unavailable here ({type(err).__name__}: {err}); using eager ops", stacklevel=3)
+def _compile_errors() -> tuple:
+    errors = [OSError, ImportError, NotImplementedError]
+    try:  # dynamo wraps a failing backend (inductor without a C++ compiler...) in these
+        from torch._dynamo.exc import BackendCompilerFailed, Unsupported
+
+        errors += [BackendCompilerFailed, Unsupported]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_COMPILE_ERRORS = _compile_errors()
+_COMPILED = _CompiledCore()
 
 
 def mvue24(
@@ -153,6 +237,8 @@ def mvue24(
     dim: int = -1,
     method: str = "exact",
     generator: Optional[torch.Generator] = None,
+    *,
+    uniforms: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Unbiased 2:4 sparsification of ``g`` in groups of 4 consecutive entries along ``dim``.
 
@@ -162,6 +248,9 @@ def mvue24(
         method: ``"exact"`` (minimum variance: systematic sampling with ``p_i = min(1, c|g_i|)``)
             or ``"approx"`` (two sequential draws proportional to |g|, as in the 2by4 toolkit).
         generator: a `torch.Generator` on ``g``'s device, for reproducible draws.
+        uniforms: instead of drawing, these uniforms in ``[0, 1)``: shape ``(r, P, L // 4, Q)`` with
+            ``P``/``Q`` the products of the dims before/after ``dim`` and ``r`` 1 (``exact``) or 2
+            (``approx``), as `kernels.mvue.mvue24_forward` takes them. For tests of the contract.
 
     Returns:
         A tensor like ``g`` with at most 2 non-zeros per group and ``E[out] = g``.
@@ -172,8 +261,7 @@ def mvue24(
         >>> out[0].item(), int((out != 0).sum())
         (4.0, 2)
     """
-    if method not in MVUE_CHOICES:
-        raise ValueError(f"Unknown MVUE `method`={method!r}; valid choices: {', '.join(map(repr, MVUE_CHOICES))}")
+    _check_method(method)
     if not g.is_floating_point():
         raise TypeError(f"`g` must be a floating tensor, got dtype {g.dtype}")
     dim = dim % g.dim()
@@ -186,14 +274,15 @@ def mvue24(
     # vectorised, where the same ops on stride-4 views run ~10x slower on CPU.
     x = g.reshape(pre, groups, 4, post).movedim(2, 0).float().contiguous()  # (4, pre, G, post)
     k = 1 if method == "exact" else 2
-    u = torch.rand((k, pre, groups, post), generator=generator, device=g.device, dtype=torch.float32)
-    core = _compiled_core() if g.device.type == "cpu" and g.numel() >= _COMPILE_MIN_NUMEL else None
+    if uniforms is None:
+        u = torch.rand((k, pre, groups, post), generator=generator, device=g.device, dtype=torch.float32)
+    elif tuple(uniforms.shape) != (k, pre, groups, post):
+        raise ValueError(f"`uniforms` must have shape {(k, pre, groups, post)}, got {tuple(uniforms.shape)}")
+    else:
+        u = uniforms.to(device=g.device, dtype=torch.float32)
     out = None
-    if core is not None:
-        try:
-            out = core(x, u, method).unbind(0)
-        except Exception as e:  # no C++ toolchain, an unsupported platform...: eager from now on
-            _disable_compile(e)
+    if g.device.type == "cpu" and g.numel() >= _COMPILE_MIN_NUMEL and not _COMPILED.disabled:
+        out = _COMPILED(x, u, method)
     if out is None:
         out = _core(x, u, method)
     result = torch.empty((pre, groups, 4, post), dtype=g.dtype, device=g.device)

@@ -8,7 +8,8 @@ too. Per tile the best such mask solves
 
 a bipartite b-matching. Four solvers, all working on every tile at once as a ``[B, m, m]`` tensor:
 
-* ``"exact24"``: the 90 valid 4x4 patterns of 2:4 scored with one matmul; exact, 2:4 only.
+* ``"exact24"``: the 90 valid 4x4 patterns of 2:4, each scored by summing its 8 kept scores;
+  exact, 2:4 only.
 * ``"optimal"``: the exact optimum for any N:M. The tile LP has a totally unimodular constraint
   matrix, so a vertex solution is already 0/1; SciPy's HiGHS dual simplex solves many tiles as one
   block-diagonal LP. This is the reference the others are measured against; it runs on the CPU.
@@ -18,6 +19,19 @@ a bipartite b-matching. Four solvers, all working on every tile at once as a ``[
   are below n, then the same repair, so the result is always a valid mask.
 
 ``"auto"`` picks ``"exact24"`` for 2:4 and ``"tsenor"`` otherwise.
+
+The contract (`tests/test_properties.py` checks it for every method on random, tied, zero and
+extreme scores, in float32, bfloat16 and float16):
+
+1. Structure: every method returns exactly ``n`` per row and per column of every tile, whatever
+   the scores (ties, all-zero tiles and huge or denormal values included).
+2. Ties: ``"exact24"`` sums each pattern's kept scores in row-major order in float32 (float64 for
+   float64 scores) and keeps the first best pattern in the lexicographic order of `_patterns24`;
+   the Triton kernel (`kernels.transposable`) does the same, so for float32, bfloat16 and float16
+   scores their masks are bit-equal. ``"greedy"`` visits equal scores in row-major order. The
+   others are deterministic functions of the scores.
+3. Non-finite scores are an error (a `ValueError` naming the count), in the op and the kernel
+   alike: no mask can be "visibly NaN", and a silent choice would hide the divergence.
 
 Everything except ``"optimal"`` is plain batched torch and runs on whatever device ``score`` is on.
 """
@@ -31,7 +45,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from ..config import check_nm
+from ..config import _fmt_choices as _fmt, check_nm
 
 __all__ = [
     "TRANSPOSABLE_METHODS",
@@ -76,10 +90,6 @@ _SOLVER_OPTIONS = {
 
 # --------------------------------------------------------------------------------------------------
 # Input checks and tiling
-
-
-def _fmt(choices) -> str:
-    return ", ".join(repr(c) for c in choices)
 
 
 def _check_score(score, m: int, name: str = "score") -> None:
@@ -164,13 +174,33 @@ def _patterns24(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _PATTERN_CACHE[key]
 
 
+_KEPT_CACHE: Dict[str, torch.Tensor] = {}
+
+
+def _kept24(device: torch.device) -> torch.Tensor:
+    """``[90, 8]``: the tile elements (row-major index) each pattern keeps, in ascending order."""
+    key = str(device)
+    if key not in _KEPT_CACHE:
+        pats = _patterns24(torch.device("cpu"), torch.float32)
+        _KEPT_CACHE[key] = torch.stack([torch.nonzero(p).flatten() for p in pats]).to(device)
+    return _KEPT_CACHE[key]
+
+
 def _exact24(tiles: torch.Tensor) -> torch.Tensor:
     pats = _patterns24(tiles.device, tiles.dtype)  # (90, 16)
+    kept = _kept24(tiles.device)  # (90, 8)
     flat = tiles.reshape(-1, 16)  # (B, 16)
     best = torch.empty(flat.shape[0], dtype=torch.long, device=tiles.device)
     for lo in range(0, flat.shape[0], _EXACT24_CHUNK):
-        # argmax returns the first maximum, so ties go to the lexicographically first pattern.
-        best[lo : lo + _EXACT24_CHUNK] = (flat[lo : lo + _EXACT24_CHUNK] @ pats.T).argmax(-1)
+        chunk = flat[lo : lo + _EXACT24_CHUNK]
+        # Each pattern's score summed over its kept elements in row-major order, one rounding per
+        # addition: the order the Triton kernel accumulates in, so near-ties resolve identically
+        # there and here (a matmul may sum in any order). argmax returns the first maximum, so
+        # exact ties go to the lexicographically first pattern, as in the kernel.
+        score = chunk[:, kept[:, 0]]  # (b, 90)
+        for j in range(1, 8):
+            score = score + chunk[:, kept[:, j]]
+        best[lo : lo + _EXACT24_CHUNK] = score.argmax(-1)
     return pats[best].reshape(-1, 4, 4) > 0
 
 

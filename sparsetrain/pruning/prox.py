@@ -34,7 +34,7 @@ import torch
 
 from ..ops.nm import group_view, nm_mask, project_nm
 
-__all__ = ["prox_2to4", "regularizer_2to4", "ProxResult", "prox_prune"]
+__all__ = ["prox_2to4", "regularizer_2to4", "ProxResult", "prox_prune", "lambda_max"]
 
 # Coordinate minimisation of the 3- and 4-non-zero candidates: a change below the tolerance
 # (relative to the largest |z| of the group) counts as converged. Most groups need 10-30 sweeps;
@@ -106,58 +106,110 @@ def prox_2to4(z: torch.Tensor, lam: float) -> torch.Tensor:
     a_all, order = torch.sort(g.abs(), dim=-1, descending=True, stable=True)
     a = a_all.unbind(-1)  # a[0] >= a[1] >= a[2] >= a[3] >= 0
 
-    # Candidate with two non-zeros: keep the two largest, R = 0.
-    w2 = a_all.clone()
-    w2[:, 2:] = 0
-    obj2 = 0.5 * (a[2] ** 2 + a[3] ** 2)
-
     if lam == 0.0:
         best = a_all
     else:
-        scale = a[0].clamp_min(torch.finfo(work).tiny)
-        rel_tol, max_sweeps = _PROX_SWEEPS[work]
-        tol = rel_tol * scale
-
-        # Candidate with three non-zeros (the three largest), exact cyclic coordinate minimisation.
-        x0, x1, x2 = a[0].clone(), a[1].clone(), a[2].clone()
-        for _ in range(max_sweeps):
-            p0, p1, p2 = x0, x1, x2
-            x0 = (a[0] - lam * x1 * x2).clamp_min(0)
-            x1 = (a[1] - lam * x0 * x2).clamp_min(0)
-            x2 = (a[2] - lam * x0 * x1).clamp_min(0)
-            change = torch.maximum(torch.maximum((x0 - p0).abs(), (x1 - p1).abs()), (x2 - p2).abs())
-            if bool((change <= tol).all()):
-                break
-        w3 = torch.stack([x0, x1, x2, torch.zeros_like(x0)], dim=-1)
-        obj3 = 0.5 * ((w3 - a_all) ** 2).sum(-1) + lam * x0 * x1 * x2
-
-        # Candidate with four non-zeros; c_i is the sum of pairwise products of the other three.
-        y0, y1, y2, y3 = a[0].clone(), a[1].clone(), a[2].clone(), a[3].clone()
-        for _ in range(max_sweeps):
-            p0, p1, p2, p3 = y0, y1, y2, y3
-            y0 = (a[0] - lam * (y1 * y2 + y1 * y3 + y2 * y3)).clamp_min(0)
-            y1 = (a[1] - lam * (y0 * y2 + y0 * y3 + y2 * y3)).clamp_min(0)
-            y2 = (a[2] - lam * (y0 * y1 + y0 * y3 + y1 * y3)).clamp_min(0)
-            y3 = (a[3] - lam * (y0 * y1 + y0 * y2 + y1 * y2)).clamp_min(0)
-            change = torch.stack([(y0 - p0).abs(), (y1 - p1).abs(), (y2 - p2).abs(), (y3 - p3).abs()]).amax(0)
-            if bool((change <= tol).all()):
-                break
-        w4 = torch.stack([y0, y1, y2, y3], dim=-1)
-        r4 = y0 * y1 * (y2 + y3) + y2 * y3 * (y0 + y1)
-        obj4 = 0.5 * ((w4 - a_all) ** 2).sum(-1) + lam * r4
-
-        # Fewest non-zeros wins ties: strict comparisons, 2 first.
-        best = w2
-        best_obj = obj2
-        for cand, obj in ((w3, obj3), (w4, obj4)):
-            better = obj < best_obj
-            best = torch.where(better.unsqueeze(-1), cand, best)
-            best_obj = torch.where(better, obj, best_obj)
+        best = a_all.clone()
+        best[:, 2:] = 0  # the two-non-zero candidate: the two largest, R = 0
+        # Screening. At any fixed point of the coordinate updates below, x_i <= a_i, hence
+        # x_i >= l_i = max(a_i - lam * (products of the other a's), 0). If even those lower bounds
+        # force x2 = 0 in the three-candidate and x3 = 0 in the four-candidate, every fixed point
+        # of both is the two-candidate, which then wins. Late in the lambda schedule almost every
+        # group is settled this way, so the iterative solve runs on the few contested ones only.
+        l0 = (a[0] - lam * a[1] * a[2]).clamp_min(0)
+        l1 = (a[1] - lam * a[0] * a[2]).clamp_min(0)
+        three_collapses = a[2] <= lam * l0 * l1
+        m0 = (a[0] - lam * (a[1] * a[2] + a[1] * a[3] + a[2] * a[3])).clamp_min(0)
+        m1 = (a[1] - lam * (a[0] * a[2] + a[0] * a[3] + a[2] * a[3])).clamp_min(0)
+        m2 = (a[2] - lam * (a[0] * a[1] + a[0] * a[3] + a[1] * a[3])).clamp_min(0)
+        four_collapses = a[3] <= lam * (m0 * m1 + m0 * m2 + m1 * m2)
+        contested = torch.nonzero(~(three_collapses & four_collapses)).flatten()
+        if contested.numel() > 0:
+            best[contested] = _solve_contested(a_all[contested], lam, work)
 
     # Undo the sort (scatter each sorted value back to its column) and restore the signs of z.
     out = torch.empty_like(best).scatter_(-1, order, best)
     out = out * torch.sign(g)
     return out.reshape(shape).reshape(z.shape).to(z.dtype)
+
+
+def _solve_contested(a_all: torch.Tensor, lam: float, work: torch.dtype) -> torch.Tensor:
+    """The prox of sorted magnitudes ``a_all`` (``[P, 4]``, descending): the best of the 2-, 3- and
+    4-non-zero candidates, the latter two by exact cyclic coordinate minimisation."""
+    a = a_all.unbind(-1)
+    w2 = a_all.clone()
+    w2[:, 2:] = 0
+    obj2 = 0.5 * (a[2] ** 2 + a[3] ** 2)
+    scale = a[0].clamp_min(torch.finfo(work).tiny)
+    rel_tol, max_sweeps = _PROX_SWEEPS[work]
+    tol = rel_tol * scale
+
+    # Candidate with three non-zeros (the three largest), exact cyclic coordinate minimisation.
+    x0, x1, x2 = a[0].clone(), a[1].clone(), a[2].clone()
+    for _ in range(max_sweeps):
+        p0, p1, p2 = x0, x1, x2
+        x0 = (a[0] - lam * x1 * x2).clamp_min(0)
+        x1 = (a[1] - lam * x0 * x2).clamp_min(0)
+        x2 = (a[2] - lam * x0 * x1).clamp_min(0)
+        change = torch.maximum(torch.maximum((x0 - p0).abs(), (x1 - p1).abs()), (x2 - p2).abs())
+        if bool((change <= tol).all()):
+            break
+    w3 = torch.stack([x0, x1, x2, torch.zeros_like(x0)], dim=-1)
+    obj3 = 0.5 * ((w3 - a_all) ** 2).sum(-1) + lam * x0 * x1 * x2
+
+    # Candidate with four non-zeros; c_i is the sum of pairwise products of the other three.
+    y0, y1, y2, y3 = a[0].clone(), a[1].clone(), a[2].clone(), a[3].clone()
+    for _ in range(max_sweeps):
+        p0, p1, p2, p3 = y0, y1, y2, y3
+        y0 = (a[0] - lam * (y1 * y2 + y1 * y3 + y2 * y3)).clamp_min(0)
+        y1 = (a[1] - lam * (y0 * y2 + y0 * y3 + y2 * y3)).clamp_min(0)
+        y2 = (a[2] - lam * (y0 * y1 + y0 * y3 + y1 * y3)).clamp_min(0)
+        y3 = (a[3] - lam * (y0 * y1 + y0 * y2 + y1 * y2)).clamp_min(0)
+        change = torch.stack([(y0 - p0).abs(), (y1 - p1).abs(), (y2 - p2).abs(), (y3 - p3).abs()]).amax(0)
+        if bool((change <= tol).all()):
+            break
+    w4 = torch.stack([y0, y1, y2, y3], dim=-1)
+    r4 = y0 * y1 * (y2 + y3) + y2 * y3 * (y0 + y1)
+    obj4 = 0.5 * ((w4 - a_all) ** 2).sum(-1) + lam * r4
+
+    # Fewest non-zeros wins ties: strict comparisons, 2 first.
+    best = w2
+    best_obj = obj2
+    for cand, obj in ((w3, obj3), (w4, obj4)):
+        better = obj < best_obj
+        best = torch.where(better.unsqueeze(-1), cand, best)
+        best_obj = torch.where(better, obj, best_obj)
+    return best
+
+
+def lambda_max(h: torch.Tensor, iters: int = 50, margin: float = 1.05) -> float:
+    """An upper estimate of the largest eigenvalue of a symmetric PSD ``h`` by power iteration.
+
+    ``iters`` matrix-vector products (O(in^2) each) replace a full ``eigvalsh`` (O(in^3)): at
+    in = 2048 that is ~0.02 s instead of ~1.5 s. The Rayleigh quotient approaches lambda_max from
+    below, so it is raised by ``margin`` and capped by the trace (an upper bound for a PSD matrix);
+    a step of 1 / estimate then stays below the 2 / lambda_max where gradient steps diverge.
+
+    Example:
+        >>> lambda_max(torch.diag(torch.tensor([1.0, 3.0, 2.0]))) >= 3.0
+        True
+    """
+    hd = h.detach().double()
+    n = hd.shape[0]
+    if n == 0:
+        return 0.0
+    g = torch.Generator(device=hd.device).manual_seed(0)
+    x = torch.randn(n, dtype=torch.float64, generator=g, device=hd.device)
+    est = 0.0
+    for _ in range(iters):
+        y = hd @ x
+        norm = float(y.norm())
+        if norm == 0.0:
+            break
+        est = float(x @ y) / float(x @ x)
+        x = y / norm
+    trace = float(hd.diagonal().clamp_min(0).sum())
+    return min(est * margin, trace) if est > 0 else trace
 
 
 @dataclass
@@ -189,7 +241,8 @@ def prox_prune(
     ``V0`` and ``H`` are expected in the Wanda-normalised coordinates (``H`` with unit diagonal),
     where ``lambda0 = 0.01, beta = 1.01`` are the paper's defaults. Each iteration takes a gradient
     step of size ``step`` (``1 / L`` with ``L`` the largest eigenvalue of ``H`` if not given) and
-    applies ``prox_2to4`` with ``step * lam_k``; ``lam_k = lambda0 * beta**k`` grows until the
+    applies ``prox_2to4`` with ``step * lam_k`` (``L`` by power iteration, `lambda_max`);
+    ``lam_k = lambda0 * beta**k`` grows until the
     result is 2:4. If ``max_iters`` is reached first, the iterate is projected onto 2:4 (the two
     largest magnitudes of each group) and ``hit_cap`` is set.
 
@@ -212,8 +265,7 @@ def prox_prune(
         True
     """
     if step is None:
-        lmax = float(torch.linalg.eigvalsh(h.double()).max())
-        step = 1.0 / max(lmax, 1e-12)
+        step = 1.0 / max(lambda_max(h), 1e-12)
     v = v0.clone()
     lam = float(lambda0)
     it = 0

@@ -73,9 +73,10 @@ def refine_masked(
     start_loss = _row_loss(start, v0, h)
     it = 0
     if solver == "gd":
-        lmax = float(torch.linalg.eigvalsh(h.double()).max())
-        step = 1.0 / max(lmax, 1e-12)
-        for _ in range(steps):
+        from .prox import lambda_max
+
+        step = 1.0 / max(lambda_max(h), 1e-12)
+        for it in range(1, steps + 1):
             v = v - step * (((v - v0) @ h) * maskf)
     else:
         r = -((v - v0) @ h) * maskf  # (out, in): negative masked gradient = residual
@@ -87,6 +88,8 @@ def refine_masked(
             ap = (p @ h) * maskf
             pap = (p * ap).sum(-1)
             active = (pap > tiny) & (rr > stop)
+            if not bool(active.any()):  # every row converged: this step would change nothing
+                break
             alpha = torch.where(active, rr / pap.clamp_min(tiny), torch.zeros_like(rr))
             v = v + alpha.unsqueeze(1) * p
             r = r - alpha.unsqueeze(1) * ap
@@ -94,8 +97,7 @@ def refine_masked(
             beta = torch.where(active, rr_new / rr.clamp_min(tiny), torch.zeros_like(rr))
             p = r + beta.unsqueeze(1) * p
             rr = rr_new
-            if not bool(active.any()):
-                break
+            it += 1
     worse = _row_loss(v, v0, h) > start_loss
     v = torch.where(worse.unsqueeze(1), start, v) * maskf
     return v, it

@@ -347,7 +347,7 @@ def test_schedules_agree_in_plain_lightning_and_trainer_loops(tmp_path):
     loss in another order, and a *dense* AdamW step magnifies that (the first step is
     ~lr * g / |g| even where g is ~0): plain and Trainer runs of method='dense' already differ by
     ~4e-5 here. So a schedule with dense steps is held to that measured dense disagreement
-    (plus ATOL), with the same masks, step and ramp."""
+    (plus ATOL), with the same step and ramp, and the same masks but for near-ties that close."""
     from test_loops import ATOL, _check_same, hf_loop, lightning_loop, plain_loop
 
     dense = st.SparsityConfig(method="dense", seed=0)
@@ -365,5 +365,9 @@ def test_schedules_agree_in_plain_lightning_and_trainer_loops(tmp_path):
         assert _max_diff(ref, hf_model) <= control + ATOL
         for (_, a), (_, b) in zip(st.sparse_layers(ref), st.sparse_layers(hf_model)):
             assert a.ramp == b.ramp == 1.0
-            assert torch.equal(a.effective_weight() != 0, b.effective_weight() != 0)
+            # Masks agree except in groups whose 2nd and 3rd largest |w| are within the weights' disagreement.
+            differ = ((a.effective_weight() != 0) != (b.effective_weight() != 0)).reshape(a.out_features, -1, 4).any(-1)
+            top = a.weight.detach().abs().reshape(a.out_features, -1, 4).sort(-1, descending=True).values
+            assert bool(((top[..., 1] - top[..., 2])[differ] <= 2 * (control + ATOL)).all())
+            assert float(differ.float().mean()) < 0.01
             assert int((b.effective_weight() != 0).reshape(b.out_features, -1, 4).sum(-1).max()) <= 2

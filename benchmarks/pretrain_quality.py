@@ -17,7 +17,10 @@ Slow (about 23 minutes on 2 idle CPU cores for 5 rows x 3 seeds x 1200 steps); n
 
     python benchmarks/pretrain_quality.py --rows dense ste s-ste            # 3 seeds x 1200 steps
     python benchmarks/pretrain_quality.py --steps 300 --seeds 1 --name pretrain_quality_screen \\
-        --label "screening: 300 steps, 1 seed"
+        --label "screening: 300 steps, 1 seed" --threads 1
+
+On a machine shared with other jobs set ``OMP_NUM_THREADS=1`` (or ``--threads 1``): with OpenMP
+threads oversubscribed, one 1200-step run took hours instead of minutes.
 
 The papers expect dense < S-STE < SR-STE < STE in loss. At this scale the gaps are small; the table
 reports what was measured, with the spread over seeds, so a reader can tell signal from noise.
@@ -239,9 +242,15 @@ def main(argv=None) -> int:
                    help="JSON / PNG name under --out, e.g. pretrain_quality_screen for a short screening run")
     p.add_argument("--label", default="full", help="what this table is, stored in the JSON (e.g. 'screening: 300 steps')")
     p.add_argument("--machine", default="2-core x86-64 CPU, shared", help="stored in the JSON")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads; use 1 on a shared machine (2 threads per job on 2 busy cores ran ~20x slower)")
     p.add_argument("--cache-dir", default=None, help="corpus cache (default: sparsetrain's)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from sparsetrain.data.corpus import default_cache_dir

@@ -5,10 +5,22 @@ Every method trains the same model on the same data, for the same steps, from th
 (final validation loss per run, mean and spread over seeds, gap to dense, mean flip rate) and
 ``benchmarks/results/pretrain_quality.png`` (validation loss against step, mean over seeds).
 
-Slow (about 23 minutes on 2 idle CPU cores with the defaults); not part of the test suite::
+Rows are the baselines (dense, a dense model with a half-wide FFN, STE, SR-STE, S-STE, S-STE+MVUE)
+and the schedule candidates of issue 12 (dense warm-up, threshold ramp, decay ramp, Adam-moment
+resets on mask flips, dense -> prune once -> sparse). Per row the table holds the mean ± std of the
+final validation loss, the gap to dense, the fraction of STE's gap closed, the difference to STE
+paired by seed with its 95% t-interval, and the final flip rate; the plot shows the gap to dense
+over steps. The JSON is rewritten after every row and merges with what is there, so a table can be
+completed across sessions.
 
-    python benchmarks/pretrain_quality.py                  # 5 methods x 3 seeds x 1200 steps
-    python benchmarks/pretrain_quality.py --steps 800 --seeds 1 2 3
+Slow (about 23 minutes on 2 idle CPU cores for 5 rows x 3 seeds x 1200 steps); not part of the tests::
+
+    python benchmarks/pretrain_quality.py --rows dense ste s-ste            # 3 seeds x 1200 steps
+    python benchmarks/pretrain_quality.py --steps 300 --seeds 1 --name pretrain_quality_screen \\
+        --label "screening: 300 steps, 1 seed" --threads 1
+
+On a machine shared with other jobs set ``OMP_NUM_THREADS=1`` (or ``--threads 1``): with OpenMP
+threads oversubscribed, one 1200-step run took hours instead of minutes.
 
 The papers expect dense < S-STE < SR-STE < STE in loss. At this scale the gaps are small; the table
 reports what was measured, with the spread over seeds, so a reader can tell signal from noise.
@@ -29,14 +41,39 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny-s-ste.yaml"
 RESULTS = REPO / "benchmarks" / "results"
 
-# name -> CLI overrides; all share the recipe's model, data and optimizer.
-METHODS = {
+# row -> CLI overrides; all share the recipe's model, data and optimizer. The first block is the
+# baseline table; the rest are the issue-12 candidates (schedules of the engine, all ending exactly 2:4).
+ROWS = {
     "dense": ["--sparsity.method", "dense"],
+    # The same number of non-zero FFN weights as 2:4: why not train a smaller dense model?
+    "dense-half-ffn": ["--sparsity.method", "dense", "--model.n_inner", "256"],
     "ste": ["--sparsity.method", "ste"],
     "sr-ste": ["--sparsity.method", "sr-ste"],
     "s-ste": ["--sparsity.method", "s-ste"],
     "s-ste+mvue": ["--sparsity.method", "s-ste", "--sparsity.mvue", "exact"],
+    # 1. dense warm-up, then sparse (S-STE's beta taken at the switch)
+    "warmup5-s-ste": ["--sparsity.method", "s-ste", "--sparsity.dense_warmup", "0.05"],
+    "warmup10-s-ste": ["--sparsity.method", "s-ste", "--sparsity.dense_warmup", "0.1"],
+    "warmup25-s-ste": ["--sparsity.method", "s-ste", "--sparsity.dense_warmup", "0.25"],
+    "warmup25-ste": ["--sparsity.method", "ste", "--sparsity.dense_warmup", "0.25"],
+    # 2. S-STE's threshold ramped 0 -> 1 (continuous from dense to exactly 2:4)
+    "ramp25-s-ste": ["--sparsity.method", "s-ste", "--sparsity.threshold_ramp", "0.25"],
+    "ramp50-s-ste": ["--sparsity.method", "s-ste", "--sparsity.threshold_ramp", "0.5"],
+    # 3. decay schedules
+    "sr-ste+decay-ramp": ["--sparsity.method", "sr-ste", "--sparsity.decay_ramp", "0.1"],
+    "s-ste+masked-decay": ["--sparsity.method", "s-ste", "--sparsity.masked_decay", "2e-4"],
+    # 4. Adam state on mask flips
+    "s-ste+flip-reset": ["--sparsity.method", "s-ste", "--sparsity.flip_moments", "reset"],
+    "ste+flip-reset": ["--sparsity.method", "ste", "--sparsity.flip_moments", "reset"],
+    # 5. dense, prune once, sparse to the end, in one fit
+    "prune50-magnitude-s-ste": ["--sparsity.method", "s-ste", "--sparsity.prune_at", "0.5"],
+    "prune50-wanda-s-ste": ["--sparsity.method", "s-ste", "--sparsity.prune_at", "0.5", "--sparsity.prune_method", "wanda"],
+    "prune75-wanda-s-ste": ["--sparsity.method", "s-ste", "--sparsity.prune_at", "0.75", "--sparsity.prune_method", "wanda"],
+    "prune50-wanda-ste": ["--sparsity.method", "ste", "--sparsity.prune_at", "0.5", "--sparsity.prune_method", "wanda"],
+    # 6. learning rate
+    "s-ste-lr3e-3": ["--sparsity.method", "s-ste", "--model.lr", "3e-3"],
 }
+METHODS = ROWS  # the name before issue 12
 
 
 def _read_metrics(root: Path) -> list[dict]:
@@ -48,7 +85,7 @@ def _read_metrics(root: Path) -> list[dict]:
 
 
 def run_one(method: str, seed: int, steps: int, val_every: int, workdir: Path, cache_dir: str) -> dict:
-    """Train one (method, seed) with the CLI and return its validation curve and flip rates."""
+    """Train one (row, seed) with the CLI and return its validation curve and flip rates."""
     from sparsetrain.cli import main
 
     root = workdir / f"{method}-seed{seed}"
@@ -65,7 +102,7 @@ def run_one(method: str, seed: int, steps: int, val_every: int, workdir: Path, c
         "--model.warmup_steps", str(max(1, steps // 10)),
         "--data.cache_dir", cache_dir,
         "--sparsity.seed", str(seed),
-        *METHODS[method],
+        *ROWS[method],
     ]
     t0 = time.perf_counter()
     main(args)
@@ -76,57 +113,121 @@ def run_one(method: str, seed: int, steps: int, val_every: int, workdir: Path, c
     train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     return {
         "method": method,
+        "overrides": ROWS[method],
+        "steps": steps,
         "seed": seed,
         "final_val_loss": val[-1][1],
         "val_curve": val,
         "final_train_loss": train[-1] if train else None,
         # Mean over the logged steps of the second half: the settled rate, not the early churn.
         "flip_rate": statistics.fmean(flips[len(flips) // 2:]) if flips else 0.0,
+        "final_flip_rate": flips[-1] if flips else 0.0,
+        "flip_curve": flips,
         "wall_s": wall,
     }
 
 
+def _t975(df: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
 def summarise(runs: list[dict]) -> dict:
-    """Mean and spread over seeds per method, and the gap to dense."""
+    """Per row: mean and spread over seeds, gap to dense, fraction of STE's gap closed (of the means,
+    and the smallest over seeds, each seed against the dense and STE runs of the same seed), and
+    the difference to STE paired by seed with its 95% t-interval."""
+    by_row: dict = {}
+    for r in runs:
+        by_row.setdefault(r["method"], {})[r["seed"]] = r
     table = {}
-    for method in METHODS:
-        mine = [r for r in runs if r["method"] == method]
+    for row in [*ROWS, *[k for k in by_row if k not in ROWS]]:
+        mine = by_row.get(row)
         if not mine:
             continue
-        finals = [r["final_val_loss"] for r in mine]
-        table[method] = {
+        finals = [r["final_val_loss"] for r in mine.values()]
+        table[row] = {
             "final_val_loss_mean": statistics.fmean(finals),
             "final_val_loss_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-            "flip_rate_mean": statistics.fmean(r["flip_rate"] for r in mine),
-            "seeds": [r["seed"] for r in mine],
+            "flip_rate_mean": statistics.fmean(r["flip_rate"] for r in mine.values()),
+            "final_flip_rate_mean": statistics.fmean(r.get("final_flip_rate", r["flip_rate"]) for r in mine.values()),
+            "seeds": sorted(mine),
         }
-    if "dense" in table:
-        for row in table.values():
-            row["gap_to_dense"] = row["final_val_loss_mean"] - table["dense"]["final_val_loss_mean"]
+    dense, ste = by_row.get("dense", {}), by_row.get("ste", {})
+    for row, entry in table.items():
+        mine = by_row[row]
+        if "dense" in table:
+            entry["gap_to_dense"] = entry["final_val_loss_mean"] - table["dense"]["final_val_loss_mean"]
+        if "dense" in table and "ste" in table:
+            ste_gap = table["ste"]["final_val_loss_mean"] - table["dense"]["final_val_loss_mean"]
+            entry["ste_gap_closed"] = (table["ste"]["final_val_loss_mean"] - entry["final_val_loss_mean"]) / ste_gap
+            per_seed = [
+                (ste[s]["final_val_loss"] - mine[s]["final_val_loss"]) / (ste[s]["final_val_loss"] - dense[s]["final_val_loss"])
+                for s in mine if s in ste and s in dense and ste[s]["final_val_loss"] != dense[s]["final_val_loss"]
+            ]
+            entry["ste_gap_closed_per_seed"] = per_seed
+            entry["ste_gap_closed_min"] = min(per_seed) if per_seed else None
+        paired = [mine[s]["final_val_loss"] - ste[s]["final_val_loss"] for s in mine if s in ste]
+        if row != "ste" and len(paired) >= 2:
+            mean, sd = statistics.fmean(paired), statistics.stdev(paired)
+            half = _t975(len(paired) - 1) * sd / len(paired) ** 0.5
+            entry["paired_diff_to_ste"] = {"mean": mean, "ci95": [mean - half, mean + half], "n": len(paired),
+                                           "excludes_zero": (mean - half) * (mean + half) > 0}
     return table
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    """Gap to dense over steps (each seed against the dense run of the same seed), mean and
+    min..max over seeds shaded; one line per row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in METHODS:
-        mine = [r for r in runs if r["method"] == method]
-        if not mine:
+    dense = {r["seed"]: dict(map(tuple, r["val_curve"])) for r in runs if r["method"] == "dense"}
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for row in [*ROWS, *sorted({r["method"] for r in runs} - set(ROWS))]:
+        mine = [r for r in runs if r["method"] == row and r["seed"] in dense]
+        if not mine or row == "dense":
             continue
-        steps = [s for s, _ in mine[0]["val_curve"]]
-        mean = [statistics.fmean(r["val_curve"][i][1] for r in mine) for i in range(len(steps))]
-        ax.plot(steps, mean, marker="o", label=f"{method} (n={len(mine)})")
+        steps = [s for s, _ in mine[0]["val_curve"] if all(s in dense[r["seed"]] for r in mine)]
+        gaps = [[dict(map(tuple, r["val_curve"]))[s] - dense[r["seed"]][s] for s in steps] for r in mine]
+        mean = [statistics.fmean(g[i] for g in gaps) for i in range(len(steps))]
+        (line,) = ax.plot(steps, mean, label=f"{row} (n={len(mine)})")
+        if len(mine) > 1:
+            ax.fill_between(steps, [min(g[i] for g in gaps) for i in range(len(steps))],
+                            [max(g[i] for g in gaps) for i in range(len(steps))], color=line.get_color(), alpha=0.15)
+    ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss (nats/token, mean over seeds)")
-    ax.set_title("tiny recipe: 4-layer GPT-2, 2:4 on the FFN, stdlib corpus (bytes)")
+    ax.set_ylabel("val loss - dense val loss (same seed), nats/token")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _load(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return json.loads(path.read_text()).get("runs", [])
+
+
+def _write(path: Path, runs: list[dict], args, label: str) -> dict:
+    table = summarise(runs)
+    result = {
+        "recipe": str(RECIPE.relative_to(REPO)),
+        "label": label,
+        "steps": args.steps,
+        "val_every": args.val_every,
+        "seeds": sorted({r["seed"] for r in runs}),
+        "machine": args.machine,
+        "table": table,
+        "runs": runs,
+        "python": sys.version.split()[0],
+    }
+    path.write_text(json.dumps(result, indent=1))
+    return table
 
 
 def main(argv=None) -> int:
@@ -134,39 +235,46 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1200)  # 400 left every gap inside the seed noise
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--rows", "--methods", nargs="+", default=list(ROWS), choices=list(ROWS),
+                   help="rows to (re)run; the others already in the JSON are kept (merge)")
+    p.add_argument("--name", default="pretrain_quality",
+                   help="JSON / PNG name under --out, e.g. pretrain_quality_screen for a short screening run")
+    p.add_argument("--label", default="full", help="what this table is, stored in the JSON (e.g. 'screening: 300 steps')")
+    p.add_argument("--machine", default="2-core x86-64 CPU, shared", help="stored in the JSON")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads; use 1 on a shared machine (2 threads per job on 2 busy cores ran ~20x slower)")
     p.add_argument("--cache-dir", default=None, help="corpus cache (default: sparsetrain's)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from sparsetrain.data.corpus import default_cache_dir
 
     cache = str(default_cache_dir(args.cache_dir))
-    runs = []
+    path = out / f"{args.name}.json"
+    runs = [r for r in _load(path) if r.get("steps", args.steps) == args.steps]
     with tempfile.TemporaryDirectory(prefix="pretrain_quality_") as tmp:
-        for seed in args.seeds:
-            for method in args.methods:
+        for method in args.rows:
+            for seed in args.seeds:
                 r = run_one(method, seed, args.steps, args.val_every, Path(tmp), cache)
-                runs.append(r)
-                print(f"{method:>11s} seed {seed}: val loss {r['final_val_loss']:.4f}  "
-                      f"flip rate {r['flip_rate']:.2e}  ({r['wall_s']:.0f} s)", flush=True)
-    table = summarise(runs)
-    result = {
-        "recipe": str(RECIPE.relative_to(REPO)),
-        "steps": args.steps,
-        "val_every": args.val_every,
-        "seeds": args.seeds,
-        "table": table,
-        "runs": runs,
-        "python": sys.version.split()[0],
-    }
-    (out / "pretrain_quality.json").write_text(json.dumps(result, indent=1))
-    plot(runs, out / "pretrain_quality.png")
-    print("\n| method | final val loss | gap to dense | flip rate |\n|---|---|---|---|")
-    for method, row in table.items():
-        print(f"| {method} | {row['final_val_loss_mean']:.4f} ± {row['final_val_loss_std']:.4f} | "
-              f"{row.get('gap_to_dense', float('nan')):+.4f} | {row['flip_rate_mean']:.2e} |")
+                runs = [x for x in runs if (x["method"], x["seed"]) != (method, seed)] + [r]
+                print(f"{method:>24s} seed {seed}: val loss {r['final_val_loss']:.4f}  "
+                      f"flip rate {r['final_flip_rate']:.2e}  ({r['wall_s']:.0f} s)", flush=True)
+            table = _write(path, runs, args, args.label)  # after every row: a table completed across sessions
+    plot(runs, out / f"{args.name}.png", f"tiny recipe ({args.label}): 4-layer GPT-2, 2:4 FFN, {args.steps} steps")
+    print("\n| row | final val loss | gap to dense | STE gap closed (mean; min over seeds) | "
+          "paired diff to STE [95% CI] | final flip rate |\n|---|---|---|---|---|---|")
+    for row, e in table.items():
+        pd = e.get("paired_diff_to_ste")
+        pd_s = f"{pd['mean']:+.4f} [{pd['ci95'][0]:+.4f}, {pd['ci95'][1]:+.4f}]" if pd else "-"
+        closed = e.get("ste_gap_closed")
+        closed_s = f"{closed:.0%}; {e['ste_gap_closed_min']:.0%}" if closed is not None and e.get("ste_gap_closed_min") is not None else "-"
+        print(f"| {row} | {e['final_val_loss_mean']:.4f} ± {e['final_val_loss_std']:.4f} | "
+              f"{e.get('gap_to_dense', float('nan')):+.4f} | {closed_s} | {pd_s} | {e['final_flip_rate_mean']:.2e} |")
     return 0
 
 

@@ -12,6 +12,8 @@ METHODS = ("dense", "ste", "sr-ste", "s-ste")
 MVUE_METHODS = (None, "exact", "approx")
 BACKENDS = ("auto", "dense", "cusparselt")
 NONFINITE_ACTIONS = ("raise", "skip")
+FLIP_MOMENTS = (None, "reset", "reset_exp_avg")
+PRUNE_METHODS = ("magnitude", "wanda")
 
 # A target filter receives the module and its qualified name, like torchao's `module_filter_fn`.
 TargetFilter = Callable[["object", str], bool]
@@ -30,6 +32,18 @@ def check_nm(n: int, m: int) -> None:
         raise ValueError(f"`m` must be at least 2, got m={m}")
     if not 0 < n < m:
         raise ValueError(f"`n` must satisfy 0 < n < m, got n={n}, m={m}")
+
+
+def _check_step_or_fraction(name: str, value, minimum: int = 0) -> None:
+    """``None``, an int step >= ``minimum``, or a float fraction of max_steps in (0, 1)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be None, an int step or a float fraction of max_steps, got {value!r}")
+    if isinstance(value, float) and not 0.0 < value < 1.0:
+        raise ValueError(f"`{name}` as a fraction of max_steps must be in (0, 1), got {value!r}")
+    if isinstance(value, int) and value < minimum:
+        raise ValueError(f"`{name}` as a step must be >= {minimum}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +78,27 @@ class SparsityConfig:
             the layer and the step, or ``"skip"`` the step (no parameter, mask or schedule moves)
             with a warning. Under fp16 `GradScaler` an overflow is skipped by the scaler before
             the engine sees it.
+
+    Schedules (all acted on by the engine, `sparsetrain.Sparsifier`; a step count is an int, a
+    fraction of the run's ``max_steps`` a float in (0, 1)):
+
+        dense_warmup: train dense for this many optimizer steps first, then switch to ``method``
+            (S-STE's beta and transposable masks are taken from the weights at the switch).
+        threshold_ramp: S-STE only. Over this many steps from the start of sparse training, the
+            threshold ramps ``r`` from 0 to 1: ``W~ = (1 + r (beta - 1)) * S_r(W)`` with
+            ``S_r(w) = sign(w) max(|w| - r t, 0)``, so W~ moves continuously from W to S-STE's exactly
+            N:M ``beta * S(W)``; beta is taken once, when sparse training starts. ``r = (step - s0) / K``
+            at optimizer step ``step`` (0-based), ``s0`` the first sparse step, ``K`` the ramp length.
+        decay_ramp: SR-STE's decay and ``masked_decay`` grow linearly from 0 to their value over this
+            many steps from the start of sparse training (factor ``(step - s0) / K``, at most 1).
+        flip_moments: what happens to the Adam state of weights whose mask entry flipped in a step:
+            ``None`` (kept), ``"reset"`` (``exp_avg`` and ``exp_avg_sq`` set to 0) or
+            ``"reset_exp_avg"`` (only ``exp_avg`` set to 0). Needs an Adam-style optimizer.
+        prune_at: train dense until this step, then prune once to exact N:M with ``prune_method``
+            (W <- pruned W) and train sparse with ``method`` to the end (beta from the pruned W).
+        prune_method: ``"magnitude"`` or ``"wanda"`` (|W_ij| * ||X_j||, with ||X_j|| from the
+            training inputs of the last ``prune_calibration_steps`` dense optimizer steps).
+        prune_calibration_steps: how many optimizer steps before ``prune_at`` Wanda collects inputs.
     """
 
     method: str = "s-ste"
@@ -81,6 +116,13 @@ class SparsityConfig:
     mask_update_interval: int = 40
     transposable_method: str = "auto"
     on_nonfinite: str = "raise"
+    dense_warmup: Optional[Union[int, float]] = None
+    threshold_ramp: Optional[Union[int, float]] = None
+    decay_ramp: Optional[Union[int, float]] = None
+    flip_moments: Optional[str] = None
+    prune_at: Optional[Union[int, float]] = None
+    prune_method: str = "magnitude"
+    prune_calibration_steps: int = 4  # a few micro-batches suffice for ||X_j|| (Wanda uses 128 sequences)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -103,14 +145,9 @@ class SparsityConfig:
             isinstance(self.masked_decay, (int, float)) and math.isfinite(self.masked_decay) and self.masked_decay >= 0
         ):
             raise ValueError(f"`masked_decay` must be None or a finite number >= 0, got {self.masked_decay!r}")
-        d = self.dense_finetune_from
-        if d is not None:
-            if isinstance(d, bool) or not isinstance(d, (int, float)):
-                raise TypeError(f"`dense_finetune_from` must be None, an int step or a float fraction, got {d!r}")
-            if isinstance(d, float) and not 0.0 < d < 1.0:
-                raise ValueError(f"`dense_finetune_from` as a fraction of max_steps must be in (0, 1), got {d!r}")
-            if isinstance(d, int) and d < 0:
-                raise ValueError(f"`dense_finetune_from` as a step must be >= 0, got {d!r}")
+        for name in ("dense_finetune_from", "dense_warmup", "threshold_ramp", "decay_ramp", "prune_at"):
+            _check_step_or_fraction(name, getattr(self, name), minimum=1 if name in ("threshold_ramp", "decay_ramp") else 0)
+        self._check_schedules()
         if isinstance(self.mask_update_interval, bool) or not isinstance(self.mask_update_interval, int) \
                 or self.mask_update_interval < 1:
             raise ValueError(f"`mask_update_interval` must be an int >= 1, got {self.mask_update_interval!r}")
@@ -134,6 +171,46 @@ class SparsityConfig:
             )
         if self.transposable and self.method == "dense":
             raise ValueError("`transposable=True` needs a sparse `method` ('ste' or 'sr-ste')")
+
+    def _check_schedules(self) -> None:
+        sparse_methods = "'ste', 'sr-ste' or 's-ste'"
+        if self.flip_moments not in FLIP_MOMENTS:
+            raise ValueError(f"Unknown `flip_moments`={self.flip_moments!r}; valid choices: {_fmt_choices(FLIP_MOMENTS)}")
+        if self.flip_moments is not None and self.transposable:
+            raise ValueError(
+                "`flip_moments` is not supported with `transposable=True` yet (a transposable mask changes only at "
+                "its refreshes); use it with a non-transposable method, or set flip_moments=None"
+            )
+        if self.prune_method not in PRUNE_METHODS:
+            raise ValueError(f"Unknown `prune_method`={self.prune_method!r}; valid choices: {_fmt_choices(PRUNE_METHODS)}")
+        c = self.prune_calibration_steps
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"`prune_calibration_steps` must be an int >= 1, got {c!r}")
+        if self.prune_method != "magnitude" and self.prune_at is None:
+            raise ValueError(f"`prune_method`={self.prune_method!r} would do nothing without `prune_at` (the step to prune at)")
+        for name in ("dense_warmup", "threshold_ramp", "decay_ramp", "flip_moments", "prune_at"):
+            if getattr(self, name) is not None and self.method == "dense":
+                raise ValueError(f"`{name}`={getattr(self, name)!r} needs a sparse `method` ({sparse_methods}), got method='dense'")
+        if self.threshold_ramp is not None and self.method != "s-ste":
+            raise ValueError(
+                f"`threshold_ramp` ramps S-STE's soft threshold and needs method='s-ste', got method={self.method!r}"
+            )
+        if self.decay_ramp is not None and not ((self.method == "sr-ste" and self.srste_decay > 0) or self.masked_decay):
+            raise ValueError(
+                f"`decay_ramp`={self.decay_ramp!r} would do nothing: no decay is active. Use method='sr-ste' "
+                f"(srste_decay > 0) or set `masked_decay`."
+            )
+        if self.prune_at is not None and self.dense_warmup is not None:
+            raise ValueError(
+                "`prune_at` and `dense_warmup` both train dense first; set one: `prune_at` prunes the weights "
+                "once at the switch, `dense_warmup` does not."
+            )
+        for early in ("dense_warmup", "prune_at"):
+            a, b = getattr(self, early), self.dense_finetune_from
+            if a is not None and b is not None and type(a) is type(b) and a >= b:
+                raise ValueError(
+                    f"`{early}`={a!r} must come before `dense_finetune_from`={b!r}: no sparse step would remain"
+                )
 
     @property
     def sparse(self) -> bool:

@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 MATH_FIELDS = (
     "method", "n", "m", "targets", "mvue", "fp8", "transposable", "transposable_method",
     "mask_update_interval", "srste_decay", "masked_decay", "dense_finetune_from",
+    "dense_warmup", "threshold_ramp", "decay_ramp", "flip_moments", "prune_at", "prune_method",
+    "prune_calibration_steps",
 )
 STATE_FORMAT = 2
 
@@ -145,6 +147,8 @@ class Sparsifier:
         self._prev_masks: Dict[str, torch.Tensor] = {}  # packed, for the flip rate only (not transposable)
         self._skip_step = False
         self._rank = 0
+        self._calib: Dict[str, torch.Tensor] = {}  # Wanda's sum of x_j^2 per sparse layer (prune_at)
+        self._calib_hooks: list = []
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -157,28 +161,51 @@ class Sparsifier:
         """True when the weights are FSDP2 shards (DTensors)."""
         return any(hasattr(layer.weight, "to_local") for _, layer in self._layers)
 
-    def dense_from_step(self) -> Optional[int]:
-        """The optimizer step where dense fine-tuning starts (None: never)."""
-        d = self.config.dense_finetune_from
-        if d is None:
-            return None
-        if isinstance(d, int):
+    def _steps(self, field: str) -> Optional[int]:
+        """A schedule field in optimizer steps (an int as it is, a fraction times ``max_steps``)."""
+        d = getattr(self.config, field)
+        if d is None or isinstance(d, int):
             return d
         if self.max_steps is None:
             raise ValueError(
-                f"`dense_finetune_from`={d!r} is a fraction of the run's length: pass `max_steps` to "
+                f"`{field}`={d!r} is a fraction of the run's length: pass `max_steps` to "
                 f"`Sparsifier.attach(optimizer, max_steps=...)`, or give the step as an int."
             )
         return int(round(d * self.max_steps))
+
+    def dense_from_step(self) -> Optional[int]:
+        """The optimizer step where dense fine-tuning starts (None: never)."""
+        return self._steps("dense_finetune_from")
+
+    def sparse_from_step(self) -> int:
+        """The first optimizer step trained sparse (after ``dense_warmup`` or at ``prune_at``; 0 otherwise)."""
+        return self._steps("dense_warmup") or self._steps("prune_at") or 0
 
     def phase_at(self, step: int) -> str:
         """The phase that optimizer step ``step`` (0-based: the number of steps already taken) trains in."""
         if not self.config.sparse:
             return "dense"
+        if step < self.sparse_from_step():
+            return "dense"
         dense_from = self.dense_from_step()
         if dense_from is not None and step >= dense_from:
             return "dense"
         return "sparse"
+
+    def _progress(self, field: str, step: int) -> float:
+        """``min(1, (step - s0) / K)`` for a ramp of ``K`` = ``field`` steps from the first sparse step s0."""
+        k = self._steps(field)
+        if k is None:
+            return 1.0
+        return min(1.0, max(0, step - self.sparse_from_step()) / max(k, 1))
+
+    def ramp_at(self, step: int) -> float:
+        """S-STE's threshold ramp ``r`` in [0, 1] at optimizer step ``step`` (1 without ``threshold_ramp``)."""
+        return self._progress("threshold_ramp", step)
+
+    def decay_scale_at(self, step: int) -> float:
+        """The factor on SR-STE's decay and ``masked_decay`` at optimizer step ``step`` (1 without ``decay_ramp``)."""
+        return self._progress("decay_ramp", step)
 
     # ------------------------------------------------------------------------------ lifecycle
     def attach(self, optimizer: Any, max_steps: Optional[int] = None) -> "Sparsifier":
@@ -211,16 +238,28 @@ class Sparsifier:
             if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
                 raise ValueError(f"`max_steps` must be a positive int or None, got {max_steps!r}")
             self.max_steps = max_steps
-        self.dense_from_step()  # a fractional schedule without max_steps fails here, not mid-run
+        for field in ("dense_finetune_from", "dense_warmup", "threshold_ramp", "decay_ramp", "prune_at"):
+            self._steps(field)  # a fractional schedule without max_steps fails here, not mid-run
+        dense_from = self.dense_from_step()
+        if dense_from is not None and self.sparse_from_step() >= dense_from:
+            raise ValueError(
+                f"The dense warm-up / `prune_at` ends at step {self.sparse_from_step()}, not before "
+                f"`dense_finetune_from` (step {dense_from}): no step would train sparse."
+            )
+        if self.config.flip_moments is not None and "betas" not in opt.defaults:
+            raise ValueError(
+                f"`flip_moments`={self.config.flip_moments!r} resets Adam moments, but the optimizer is "
+                f"{type(opt).__name__} (no `betas`). Use Adam/AdamW, or flip_moments=None."
+            )
         self._rank = _dist_rank()
         if self.config.transposable and self.sharded:
             raise ValueError(
                 "`transposable=True` is not supported with FSDP2-sharded weights yet (a transposable tile spans "
                 "rows that may sit on different ranks). Use DDP, or a non-transposable method."
             )
+        self._optimizer = opt
         if not self._started:
             self.start()
-        self._optimizer = opt
         self._hooks = [opt.register_step_pre_hook(self._pre_hook), opt.register_step_post_hook(self._post_hook)]
         return self
 
@@ -239,8 +278,10 @@ class Sparsifier:
             self._set_phase(self.phase_at(self.step), announce=False)
             if self.phase == "sparse":
                 self._take_sparsity_state()
+        self._apply_ramp()
         self._reseed()
         self._snapshot_masks()
+        self._update_calibration_hooks()
         self._started = True
 
     @torch.no_grad()
@@ -331,6 +372,7 @@ class Sparsifier:
             return
         cfg = self.config
         alpha = (cfg.srste_decay if cfg.method == "sr-ste" else 0.0) + (cfg.masked_decay or 0.0)
+        alpha *= self.decay_scale_at(self.step)
         if not alpha:
             return
         for _, layer in self._layers:
@@ -350,9 +392,13 @@ class Sparsifier:
         self.step += 1
         phase = self.phase_at(self.step)
         if phase != self.phase:
+            if phase == "sparse" and self.config.prune_at is not None and self.step == self.sparse_from_step():
+                self._prune_once()
             self._set_phase(phase)
             if phase == "sparse":
                 self._take_sparsity_state()
+        self._apply_ramp()
+        self._update_calibration_hooks()
         cfg = self.config
         refresh = cfg.transposable and self.phase == "sparse" and self.step % cfg.mask_update_interval == 0
         stats = []  # per layer: flips, zeros, non-finite weights, numel
@@ -365,7 +411,10 @@ class Sparsifier:
                 flips = torch.tensor(flipped if mask is not None else 0, device=w_eff.device)
             else:
                 prev = self._prev_masks.get(name)
-                flips = (mask != unpack_mask(prev, mask.shape)).sum() if (mask is not None and prev is not None) else w_eff.new_zeros((), dtype=torch.long)
+                changed = (mask != unpack_mask(prev, mask.shape)) if (mask is not None and prev is not None) else None
+                flips = changed.sum() if changed is not None else w_eff.new_zeros((), dtype=torch.long)
+                if changed is not None and cfg.flip_moments is not None:
+                    self._reset_flipped_moments(layer, changed)
                 if mask is not None:
                     self._prev_masks[name] = pack_mask(mask)
             nonfinite = (~torch.isfinite(local_tensor(layer.weight.detach()))).sum()
@@ -393,6 +442,88 @@ class Sparsifier:
         }
         if cfg.method == "s-ste":
             self.metrics["sparsity/beta_mean"] = sum(float(layer.beta) for _, layer in self._layers) / len(self._layers)
+        if cfg.threshold_ramp is not None:
+            self.metrics["sparsity/threshold_ramp"] = self.ramp_at(self.step)
+
+    # ------------------------------------------------------------------------------ schedules
+    # Dense warm-up, threshold ramp, decay ramp, moment resets on flips, prune once. Kept apart from
+    # the step rules above: each is a function of the step (and of the weights at the switch).
+
+    def _apply_ramp(self) -> None:
+        """Give every layer the threshold ramp of the step about to be trained."""
+        r = self.ramp_at(self.step) if self.phase == "sparse" else 1.0
+        for _, layer in self._layers:
+            if layer.ramp != r:
+                layer.ramp = r
+                layer._mask_version += 1  # W~ changes with r: a cached compressed W~ is stale
+
+    @torch.no_grad()
+    def _reset_flipped_moments(self, layer: SparseLinear, flipped: torch.Tensor) -> None:
+        """Zero the Adam moments of the weights whose mask entry flipped in this step."""
+        state = self._optimizer.state.get(layer.weight) if self._optimizer is not None else None
+        if not state:
+            return
+        keys = ("exp_avg", "exp_avg_sq") if self.config.flip_moments == "reset" else ("exp_avg",)
+        for key in keys:
+            if key in state:
+                local_tensor(state[key]).masked_fill_(flipped, 0)
+
+    def _calibration_window(self) -> Tuple[int, int]:
+        end = self.sparse_from_step()
+        return max(0, end - self.config.prune_calibration_steps), end
+
+    def _update_calibration_hooks(self) -> None:
+        """Wanda's input statistics: hooks on the sparse layers while the calibration window is open."""
+        cfg = self.config
+        start, end = self._calibration_window() if cfg.prune_at is not None else (0, 0)
+        want = cfg.prune_method == "wanda" and start <= self.step < end
+        if want and not self._calib_hooks:
+            for name, layer in self._layers:
+                self._calib_hooks.append(layer.register_forward_pre_hook(self._calibration_hook(name)))
+        elif not want and self._calib_hooks:
+            for handle in self._calib_hooks:
+                handle.remove()
+            self._calib_hooks = []
+
+    def _calibration_hook(self, name: str):
+        def hook(module, args):
+            if not (module.training and torch.is_grad_enabled()):
+                return  # validation batches are not calibration data
+            with torch.no_grad():
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in)
+                sq = (x * x).sum(0)
+                acc = self._calib.get(name)
+                self._calib[name] = sq if acc is None else acc + sq
+        return hook
+
+    @torch.no_grad()
+    def _prune_once(self) -> None:
+        """``prune_at``: W <- the N:M pruned W (magnitude or Wanda), once, before sparse training starts."""
+        from .pruning.methods import magnitude_prune, wanda_prune
+
+        cfg = self.config
+        if cfg.prune_method == "wanda":
+            missing = [name for name, _ in self._layers if name not in self._calib]
+            if missing:
+                raise RuntimeError(
+                    f"`prune_method`='wanda' saw no training input for {', '.join(missing[:3])} in the "
+                    f"{cfg.prune_calibration_steps} step(s) before `prune_at`; the layers must run in training mode."
+                )
+            sums = torch.stack([self._calib[name] for name, _ in self._layers]) if len({self._calib[n].numel() for n, _ in self._layers}) == 1 else None
+            if sums is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(sums)  # every data-parallel rank prunes with the same statistics
+                for i, (name, _) in enumerate(self._layers):
+                    self._calib[name] = sums[i]
+        for name, layer in self._layers:
+            w = local_tensor(layer.weight.detach())
+            if cfg.prune_method == "wanda":
+                pruned, _ = wanda_prune(w, torch.diag(self._calib[name]), cfg.n, cfg.m)
+            else:
+                pruned, _ = magnitude_prune(w, cfg.n, cfg.m)
+            w.copy_(pruned.to(w.dtype))
+        self._calib = {}
+        log.info("Sparsifier: pruned %d layer(s) to %d:%d (%s) at optimizer step %d",
+                 len(self._layers), cfg.n, cfg.m, cfg.prune_method, self.step)
 
     def _first_nonfinite(self, what: str) -> Optional[str]:
         """The name of the first layer whose gradient holds NaN/inf (one host sync for all)."""
@@ -450,6 +581,7 @@ class Sparsifier:
             "max_steps": self.max_steps,
             "swapped": list(self.swapped),
             "config": self.config_fingerprint(),
+            "calibration": {k: v.detach().cpu().clone() for k, v in self._calib.items()},
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -484,6 +616,10 @@ class Sparsifier:
             phase = "dense" if state["dense_phase"] else "sparse"
         if phase is not None:
             self.phase = phase
+        self._calib = {}
+        for name, value in (state.get("calibration") or {}).items():
+            layer = dict(self._layers).get(name)
+            self._calib[name] = value.to(layer.weight.device) if layer is not None else value
         self._restored = True
         self._started = False  # `attach` / `start` apply it
         for _, layer in self._layers:

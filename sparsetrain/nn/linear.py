@@ -54,6 +54,11 @@ _NEEDS_ENGINE = {
     "masked_decay": "`masked_decay` is applied once per optimizer step by the engine; without one it does nothing",
     "transposable": "transposable masks are refreshed by the engine; without one the mask stays as it was built",
     "dense_finetune_from": "`dense_finetune_from` is a schedule of the engine; without one training never switches",
+    "dense_warmup": "`dense_warmup` is a schedule of the engine; without one training is sparse from the start",
+    "threshold_ramp": "`threshold_ramp` is a schedule of the engine; without one S-STE uses its full threshold",
+    "decay_ramp": "`decay_ramp` is a schedule of the engine; without one it does nothing",
+    "flip_moments": "`flip_moments` acts on the optimizer through the engine; without one it does nothing",
+    "prune_at": "`prune_at` is a schedule of the engine; without one training is sparse from the start",
 }
 _WARNED_NO_ENGINE: set = set()
 
@@ -137,6 +142,7 @@ class SparseLinear(nn.Linear):
         self._rank = 0  # data-parallel rank: MVUE draws differ between ranks
         self._gen_seed: Optional[int] = None  # set by `reseed`; None: `seed` itself
         self.engine_attached = False  # set by `sparsetrain.Sparsifier`
+        self.ramp = 1.0  # S-STE's threshold ramp in [0, 1], set by the engine each step (1: plain S-STE)
         self.reset_sparsity_state()
 
     # ----------------------------------------------------------------------------------- build
@@ -167,6 +173,7 @@ class SparseLinear(nn.Linear):
         if config.transposable:
             layer.mask_packed = torch.full((packed_numel(out_f * in_f),), 255, device=weight.device, dtype=torch.uint8)
         layer.source = source
+        layer.ramp = 1.0
         layer.reset_sparsity_state()
         return layer
 
@@ -211,7 +218,7 @@ class SparseLinear(nn.Linear):
         if cfg.transposable:
             mask = unpack_mask(self.mask_packed, weight.shape)
             return weight * mask, mask
-        w_eff, mask = masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta())
+        w_eff, mask = masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta(), ramp=self.ramp)
         return w_eff, mask
 
     # ----------------------------------------------------------------------------------- forward
@@ -241,6 +248,7 @@ class SparseLinear(nn.Linear):
             cfg.m,
             beta=self._beta(),
             fixed_mask=unpack_mask(self.mask_packed, self.weight.shape) if cfg.transposable else None,
+            ramp=self.ramp,
         )
 
     def effective_weight(self) -> torch.Tensor:
@@ -253,7 +261,7 @@ class SparseLinear(nn.Linear):
                 return weight
             cfg = self.config
             fixed = unpack_mask(self.mask_packed, weight.shape) if cfg.transposable else None
-            return masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta(), fixed, need_mask=False)[0]
+            return masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta(), fixed, need_mask=False, ramp=self.ramp)[0]
 
     def generator(self, device: torch.device) -> torch.Generator:
         """This layer's MVUE generator on ``device`` (seeded from ``seed``; created on first use).
@@ -280,7 +288,12 @@ class SparseLinear(nn.Linear):
         needs = [key for key, on in (("sr-ste", cfg.method == "sr-ste" and cfg.srste_decay > 0),
                                      ("masked_decay", bool(cfg.masked_decay)),
                                      ("transposable", cfg.transposable),
-                                     ("dense_finetune_from", cfg.dense_finetune_from is not None)) if on]
+                                     ("dense_finetune_from", cfg.dense_finetune_from is not None),
+                                     ("dense_warmup", cfg.dense_warmup is not None),
+                                     ("threshold_ramp", cfg.threshold_ramp is not None),
+                                     ("decay_ramp", cfg.decay_ramp is not None),
+                                     ("flip_moments", cfg.flip_moments is not None),
+                                     ("prune_at", cfg.prune_at is not None)) if on]
         for key in needs:
             if key not in _WARNED_NO_ENGINE:
                 _WARNED_NO_ENGINE.add(key)
@@ -320,7 +333,8 @@ class SparseLinear(nn.Linear):
         sparse = self._method() != "dense"
         mvue = self.config.mvue if sparse else None
         fp8 = self.config.fp8 and sparse
-        backend = self._choose_backend(x, sparse)
+        # Mid threshold-ramp W~ is not N:M yet: only the dense GEMM can take it.
+        backend = self._choose_backend(x, sparse and self.ramp >= 1.0)
         if mvue is None and not fp8 and backend == "dense":
             return F.linear(x, w, bias)
         dev = x.device.type

@@ -101,6 +101,11 @@ class Sparsifier:
             is adopted as it is; their config must agree with ``config`` on every field that
             changes the math.
         config: a `SparsityConfig`; keyword arguments build one or override its fields.
+        metrics_every: compute `metrics` (flip rate, zero fraction: one projection of every layer
+            and a mask comparison) every this many optimizer steps, e.g. the logging interval.
+            Steps in between only check the weights for NaN/inf, unless a rule needs the mask
+            anyway (decays, ``flip_moments``). The Lightning and transformers adapters pass their
+            logging interval.
 
     Raises:
         ValueError: no layer ends up sparse (``targets`` matches nothing, or ``m`` divides no
@@ -114,7 +119,11 @@ class Sparsifier:
             ``sparsity/beta_mean`` (S-STE) and ``sparsity/dense_phase`` (0 or 1).
     """
 
-    def __init__(self, model: nn.Module, config: Optional[SparsityConfig] = None, **overrides: Any) -> None:
+    def __init__(self, model: nn.Module, config: Optional[SparsityConfig] = None, *, metrics_every: int = 1,
+                 **overrides: Any) -> None:
+        if isinstance(metrics_every, bool) or not isinstance(metrics_every, int) or metrics_every < 1:
+            raise ValueError(f"`metrics_every` must be an int >= 1, got {metrics_every!r}")
+        self.metrics_every = metrics_every
         if config is not None and not isinstance(config, SparsityConfig):
             raise TypeError(f"`config` must be a SparsityConfig or None, got {type(config).__name__}")
         config = SparsityConfig(**overrides) if config is None else (config.replace(**overrides) if overrides else config)
@@ -140,6 +149,7 @@ class Sparsifier:
         self.phase = "sparse" if config.sparse else "dense"
         self.max_steps: Optional[int] = None
         self.metrics: Dict[str, float] = {}
+        self.metrics_step = -1  # the step `metrics` were computed at
         self._started = False
         self._restored = False
         self._hooks: list = []
@@ -375,13 +385,17 @@ class Sparsifier:
         alpha *= self.decay_scale_at(self.step)
         if not alpha:
             return
-        for _, layer in self._layers:
+        for name, layer in self._layers:
             grad = layer.weight.grad
             if grad is None:
                 continue
             g = local_tensor(grad)
             w = local_tensor(layer.weight.detach())
-            g.add_(decay_term(w, layer.mask).to(g.dtype), alpha=alpha)
+            # The mask of the current weights was stored by the last `after_step` (nothing has
+            # changed them since): unpacking it is cheaper than another projection.
+            stored = self._prev_masks.get(name) if not self.config.transposable else None
+            mask = unpack_mask(stored, w.shape) if stored is not None else layer.mask
+            g.add_(decay_term(w, mask).to(g.dtype), alpha=alpha)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -401,6 +415,20 @@ class Sparsifier:
         self._update_calibration_hooks()
         cfg = self.config
         refresh = cfg.transposable and self.phase == "sparse" and self.step % cfg.mask_update_interval == 0
+        report = self.step % self.metrics_every == 0
+        # The mask of these weights is needed now for the metrics, or at the next step: by the
+        # decays, by `flip_moments`, or as the reference of the next reported flip rate.
+        decays = (cfg.method == "sr-ste" and cfg.srste_decay > 0) or bool(cfg.masked_decay)
+        keep_mask = (decays or cfg.flip_moments is not None or (self.step + 1) % self.metrics_every == 0) \
+            and not cfg.transposable
+        if self.phase == "sparse" and not report and not keep_mask:
+            self._prev_masks = {}
+            if refresh:
+                for _, layer in self._layers:
+                    layer.refresh_transposable_mask()
+            self._check_weights_finite()
+            self._reseed()
+            return
         stats = []  # per layer: flips, zeros, non-finite weights, numel
         for name, layer in self._layers:
             flipped = layer.refresh_transposable_mask() if refresh else 0
@@ -429,11 +457,10 @@ class Sparsifier:
         per_layer = stats.tolist()  # the one host sync of the step
         for (name, _), (_, _, nonfinite, _) in zip(self._layers, per_layer):
             if nonfinite:
-                raise FloatingPointError(
-                    f"Sparse layer `{name}`'s weight holds {int(nonfinite)} NaN/inf value(s) after optimizer step "
-                    f"{self.step}. Lower the learning rate, enable gradient clipping, or use "
-                    f"`on_nonfinite='skip'` to skip steps with non-finite gradients."
-                )
+                self._weight_error(name, f"{int(nonfinite)} NaN/inf value(s)")
+        if not report:
+            return
+        self.metrics_step = self.step
         total = sum(row[3] for row in per_layer)
         self.metrics = {
             "sparsity/flip_rate": sum(row[0] for row in per_layer) / total if self.phase == "sparse" else 0.0,
@@ -524,6 +551,21 @@ class Sparsifier:
         self._calib = {}
         log.info("Sparsifier: pruned %d layer(s) to %d:%d (%s) at optimizer step %d",
                  len(self._layers), cfg.n, cfg.m, cfg.prune_method, self.step)
+
+    def _weight_error(self, name: str, what: str) -> None:
+        raise FloatingPointError(
+            f"Sparse layer `{name}`'s weight holds {what} after optimizer step {self.step}. Lower the learning "
+            f"rate, enable gradient clipping, or use `on_nonfinite='skip'` to skip steps with non-finite gradients."
+        )
+
+    def _check_weights_finite(self) -> None:
+        """NaN/inf in any sparse weight, by one float64 sum per layer and one host sync for all."""
+        sums = torch.stack([local_tensor(layer.weight.detach()).sum(dtype=torch.float64) for _, layer in self._layers])
+        bad = (~torch.isfinite(sums)).to(torch.float64)
+        self._all_reduce(bad)
+        for (name, _), flag in zip(self._layers, bad.tolist()):
+            if flag:
+                self._weight_error(name, "NaN/inf value(s)")
 
     def _first_nonfinite(self, what: str) -> Optional[str]:
         """The name of the first layer whose gradient holds NaN/inf (one host sync for all)."""

@@ -41,7 +41,7 @@ def test_metrics_match_direct_computation():
     torch.manual_seed(0)
     model, rec = TinyRegressor(lr=5e-2), Recorder()
     cb = st.SparseTraining(method="s-ste", targets="all")
-    quiet_trainer(max_steps=6, callbacks=[cb, rec]).fit(model, loader(n_batches=6))
+    quiet_trainer(max_steps=6, log_every_n_steps=1, callbacks=[cb, rec]).fit(model, loader(n_batches=6))
     assert cb.swapped == ["net.0", "net.2", "net.4"]
     for logged, ref in zip(rec.metrics[1:], rec.ref[1:]):
         assert logged["sparsity/flip_rate"] == pytest.approx(ref["flip_rate"], abs=1e-7)
@@ -103,7 +103,7 @@ def test_dense_finetune_switch():
     torch.manual_seed(3)
     model, rec = TinyRegressor(), Recorder()
     cb = st.SparseTraining(method="sr-ste", targets="all", dense_finetune_from=0.5)
-    quiet_trainer(max_steps=6, callbacks=[cb, rec]).fit(model, loader(n_batches=6))
+    quiet_trainer(max_steps=6, log_every_n_steps=1, callbacks=[cb, rec]).fit(model, loader(n_batches=6))
     assert cb.dense_phase
     assert [r["zero_fraction"] >= 0.5 for r in rec.ref] == [True, True, False, False, False, False]
     for _, layer in st.sparse_layers(model):

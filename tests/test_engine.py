@@ -50,9 +50,9 @@ def _reference(steps, decay_on_pruned, clip=None, seed=0):
     return w, b
 
 
-def _run(cfg, steps, micro, scale=None, clip=None):
+def _run(cfg, steps, micro, scale=None, clip=None, metrics_every=1):
     model = _model()
-    sparsity = st.Sparsifier(model, cfg)
+    sparsity = st.Sparsifier(model, cfg, metrics_every=metrics_every)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     sparsity.attach(opt)
     scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6) if scale else None
@@ -80,7 +80,8 @@ def _run(cfg, steps, micro, scale=None, clip=None):
     st.SparsityConfig(method="ste", masked_decay=DECAY, targets="all"),
 ])
 def test_decay_once_per_step_whatever_the_accumulation(cfg, micro):
-    layer, sparsity = _run(cfg, steps=3, micro=micro)
+    # metrics_every=2: the decay's mask must not depend on whether the step computed metrics
+    layer, sparsity = _run(cfg, steps=3, micro=micro, metrics_every=1 if micro == 1 else 2)
     w_ref, b_ref = _reference(3, DECAY)
     assert sparsity.step == 3
     assert torch.allclose(layer.weight.detach(), w_ref, atol=2e-6)
@@ -292,3 +293,23 @@ def test_without_an_engine_per_step_fields_warn_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(x)  # once only
+
+
+def test_metrics_every_k_steps_report_the_last_steps_flips():
+    model = _model()
+    sparsity = st.Sparsifier(model, method="ste", targets="all", metrics_every=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sparsity.attach(opt)
+    x, y = _data()
+    layer = model[0]
+    masks = [torch.tensor(loop_mask(layer.weight.tolist(), 2, 4))]
+    for step in range(1, 7):
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        masks.append(torch.tensor(loop_mask(layer.weight.tolist(), 2, 4)))
+        assert sparsity.metrics_step == (step // 3) * 3 or (step < 3 and sparsity.metrics_step == -1)
+        if step % 3 == 0:  # the flip rate of this step alone (mask after step-1 vs after step)
+            flips = int((masks[step] != masks[step - 1]).sum())
+            assert sparsity.metrics["sparsity/flip_rate"] == pytest.approx(flips / masks[0].numel())
+    assert sum(int((a != b).sum()) for a, b in zip(masks, masks[1:])) > 0

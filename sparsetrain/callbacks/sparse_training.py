@@ -24,7 +24,8 @@ class SparseTraining(Callback):
       come from the weights at this moment (after DDP made the ranks' weights equal).
     - every optimizer step the engine applies decays, schedules and mask refreshes (see
       `Sparsifier`); this callback logs its `metrics`: ``sparsity/flip_rate`` (in the progress
-      bar), ``sparsity/zero_fraction``, ``sparsity/beta_mean`` (S-STE), ``sparsity/dense_phase``.
+      bar), ``sparsity/zero_fraction``, ``sparsity/beta_mean`` (S-STE), ``sparsity/dense_phase``,
+      computed every ``trainer.log_every_n_steps`` optimizer steps.
 
     Args:
         config: a `SparsityConfig`. Keyword arguments build one, or override its fields.
@@ -64,7 +65,8 @@ class SparseTraining(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if self.engine is not None and self.engine.model is pl_module:
             return
-        self.engine = Sparsifier(pl_module, self.config)
+        # Metrics cost a projection of every layer: computed at the trainer's logging steps only.
+        self.engine = Sparsifier(pl_module, self.config, metrics_every=max(1, int(trainer.log_every_n_steps or 1)))
         if self._pending_state is not None:
             self.engine.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -83,7 +85,7 @@ class SparseTraining(Callback):
                 f"SparseTraining needs exactly one optimizer holding the sparse layers' weights, found {len(optimizers)}."
             )
         engine.attach(optimizers[0], max_steps=max(1, max_steps))
-        self._logged_step = engine.step
+        self._logged_step = engine.metrics_step
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.engine is not None:
@@ -95,8 +97,8 @@ class SparseTraining(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         engine = self.engine
-        if engine is not None and engine.step != self._logged_step and engine.metrics:
-            self._logged_step = engine.step
+        if engine is not None and engine.metrics_step != self._logged_step and engine.metrics:
+            self._logged_step = engine.metrics_step
             for key, value in engine.metrics.items():
                 pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key == "sparsity/flip_rate",
                               rank_zero_only=True)

@@ -74,6 +74,8 @@ class SparseTrainerCallback(TrainerCallback):
                 engine._restored = True  # beta and masks came back with the model's weights: keep them
                 engine._started = False
         engine.step = state.global_step
+        if args.logging_steps and args.logging_steps >= 1 and float(args.logging_steps).is_integer():
+            engine.metrics_every = int(args.logging_steps)  # metrics cost a projection: at logging steps only
         engine.attach(self._optimizer, max_steps=self._max_steps)
 
     def on_save(self, args, state, control, **kwargs):

@@ -32,10 +32,13 @@ VARIANTS = {
     "s-ste+mvue": dict(method="s-ste", mvue="exact"),
     "s-ste+mvue-approx": dict(method="s-ste", mvue="approx"),
     "t-sr-ste": dict(method="sr-ste", transposable=True),
+    # The engine's metrics (a projection of every layer and a mask comparison) every step instead
+    # of every `--metrics-every` steps: what the overhead of metrics alone costs.
+    "s-ste+mvue@metrics-every-step": dict(method="s-ste", mvue="exact"),
 }
 
 
-def build(variant, d, layers, seed=0):
+def build(variant, d, layers, seed=0, metrics_every=50):
     """``(model, optimizer, sparsifier)`` for one variant (no sparsifier for ``"dense"``); the
     engine is attached to the optimizer."""
     torch.manual_seed(seed)
@@ -44,7 +47,9 @@ def build(variant, d, layers, seed=0):
     model = GPT2Model(cfg)
     sparsity = None
     if variant != "dense":
-        sparsity = st.Sparsifier(model, st.SparsityConfig(targets="mlp", seed=seed, **VARIANTS[variant]))
+        every = 1 if variant.endswith("@metrics-every-step") else metrics_every
+        sparsity = st.Sparsifier(model, st.SparsityConfig(targets="mlp", seed=seed, **VARIANTS[variant]),
+                                 metrics_every=every)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     if sparsity is not None:
         sparsity.attach(opt)
@@ -93,12 +98,14 @@ def main():
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=31)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--metrics-every", type=int, default=50,
+                    help="the engine's metrics interval (Lightning's default logging interval is 50)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_overhead.json"))
     args = ap.parse_args()
 
     x = torch.randn(1, args.tokens, args.d)
     names = ["dense"] + args.variants
-    runs = {v: build(v, args.d, args.layers) for v in names}
+    runs = {v: build(v, args.d, args.layers, metrics_every=args.metrics_every) for v in names}
     times = time_interleaved(runs, x, args.repeats)
     med = {v: statistics.median(ts) for v, ts in times.items()}
     paired = {v: paired_ratio(times, v) for v in args.variants}
@@ -106,7 +113,8 @@ def main():
         "benchmark": "step_overhead",
         "machine": machine(),
         "setup": {"d": args.d, "ffn": 4 * args.d, "layers": args.layers, "tokens": args.tokens,
-                  "repeats": args.repeats, "targets": "mlp", "backend": "dense", "engine": "Sparsifier attached"},
+                  "repeats": args.repeats, "targets": "mlp", "backend": "dense", "engine": "Sparsifier attached",
+                  "metrics_every": args.metrics_every},
         "median_step_s": med,
         "ratio_to_dense": paired,
         "ratio_of_medians": {v: med[v] / med["dense"] for v in args.variants},

@@ -536,11 +536,12 @@ class Sparsifier:
                     f"`prune_method`='wanda' saw no training input for {', '.join(missing[:3])} in the "
                     f"{cfg.prune_calibration_steps} step(s) before `prune_at`; the layers must run in training mode."
                 )
-            sums = torch.stack([self._calib[name] for name, _ in self._layers]) if len({self._calib[n].numel() for n, _ in self._layers}) == 1 else None
-            if sums is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(sums)  # every data-parallel rank prunes with the same statistics
-                for i, (name, _) in enumerate(self._layers):
-                    self._calib[name] = sums[i]
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # Every data-parallel rank prunes with the same statistics: one all-reduce for all layers.
+                flat = torch.cat([self._calib[name] for name, _ in self._layers])
+                torch.distributed.all_reduce(flat)
+                for (name, _), part in zip(self._layers, flat.split([self._calib[n].numel() for n, _ in self._layers])):
+                    self._calib[name] = part
         for name, layer in self._layers:
             w = local_tensor(layer.weight.detach())
             if cfg.prune_method == "wanda":

@@ -32,3 +32,22 @@ def loop_soft(rows, n, m):
             orow += [math.copysign(max(abs(v) - t, 0.0), v) if v != 0 else 0.0 for v in grp]
         out.append(orow)
     return out
+
+
+def exact_mvue_probabilities(a):
+    """Water-filling: p_i = min(1, c a_i), sum p = min(2, non-zeros), in float64."""
+    p = [0.0] * 4
+    free = [i for i in range(4) if a[i] > 0]
+    budget = min(2.0, float(len(free)))
+    while free and budget > 0:
+        c = budget / sum(a[i] for i in free)
+        over = [i for i in free if c * a[i] >= 1.0]
+        if not over:
+            for i in free:
+                p[i] = c * a[i]
+            break
+        for i in over:
+            p[i] = 1.0
+            free.remove(i)
+            budget -= 1.0
+    return p

@@ -6,29 +6,11 @@ import itertools
 import pytest
 import torch
 
+from reference import exact_mvue_probabilities
 from sparsetrain.ops import mvue24, mvue24_probabilities
 
 
-def exact_probs(a):
-    """p_i = min(1, c a_i) with sum p = 2, by a plain water-filling loop."""
-    p = [0.0] * 4
-    free = [i for i in range(4) if a[i] > 0]
-    budget = 2.0
-    while free:
-        s = sum(a[i] for i in free)
-        c = budget / s
-        over = [i for i in free if c * a[i] >= 1.0]
-        if not over:
-            for i in free:
-                p[i] = c * a[i]
-            break
-        for i in over:
-            p[i] = 1.0
-            free.remove(i)
-            budget -= 1.0
-        if budget <= 0:
-            break
-    return p
+exact_probs = exact_mvue_probabilities  # the plain water-filling loop of tests/reference.py
 
 
 def approx_probs(a, eps=1e-30):

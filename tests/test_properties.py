@@ -23,6 +23,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reference import exact_mvue_probabilities
 from sparsetrain import ops
 from sparsetrain.ops.transposable import TRANSPOSABLE_METHODS
 
@@ -269,25 +270,6 @@ def test_mvue_kernel_twin(data, method):
 # ------------------------------------------------------------------------------------ unbiasedness
 
 
-def _exact_p(a):
-    """Water-filling: p_i = min(1, c a_i), sum p = min(2, non-zeros), in float64."""
-    p = [0.0] * 4
-    free = [i for i in range(4) if a[i] > 0]
-    budget = min(2.0, float(len(free)))
-    while free and budget > 0:
-        c = budget / sum(a[i] for i in free)
-        over = [i for i in free if c * a[i] >= 1.0]
-        if not over:
-            for i in free:
-                p[i] = c * a[i]
-            break
-        for i in over:
-            p[i] = 1.0
-            free.remove(i)
-            budget -= 1.0
-    return p
-
-
 def _approx_p(a, eps=1e-30):
     """P(i among two sequential draws), by enumerating the 12 ordered pairs (eps as documented)."""
     e = [float(torch.tensor(x, dtype=torch.float32) + torch.tensor(eps, dtype=torch.float32)) for x in a]
@@ -318,7 +300,7 @@ def _unbiased(out, method, k=_DRAWS):
     Bonferroni-corrected z for all entries at family-wise error 1e-6 (seeded: not flaky)."""
     g = torch.tensor(ADVERSARIAL, dtype=torch.float32).double()  # (8, 4): the values the op sees
     draws = out.double().reshape(k, len(ADVERSARIAL), 4)
-    pfun = _exact_p if method == "exact" else _approx_p
+    pfun = exact_mvue_probabilities if method == "exact" else _approx_p
     p = torch.tensor([pfun([abs(x) for x in row]) for row in g.tolist()], dtype=torch.float64)
     var = torch.where(p > 0, g**2 * (1 / p.clamp_min(1e-300) - 1), torch.zeros_like(g))
     z = NormalDist().inv_cdf(1 - 1e-6 / (2 * g.numel()))

@@ -12,6 +12,7 @@ METHODS = ("dense", "ste", "sr-ste", "s-ste")
 MVUE_METHODS = (None, "exact", "approx")
 BACKENDS = ("auto", "dense", "cusparselt")
 NONFINITE_ACTIONS = ("raise", "skip")
+TARGET_PRESETS = ("mlp", "all")  # named `targets`; anything else is a regex or a callable
 FLIP_MOMENTS = (None, "reset", "reset_exp_avg")
 PRUNE_METHODS = ("magnitude", "wanda")
 

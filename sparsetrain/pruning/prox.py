@@ -21,7 +21,16 @@ which is zero exactly when at most two entries are non-zero. Its proximal operat
   converges to the local minimiser next to ``a``.
 
 We evaluate the three candidates and keep the one of least objective (fewest non-zeros on ties).
-`tests/test_pruning.py` checks the result against a dense multi-start numerical minimisation.
+`tests/test_pruning.py` checks the result against a dense multi-start numerical minimisation and
+against a plain per-group loop.
+
+Speed. The pruner runs ~1000-1400 proximal iterations per layer, each a few hundred element-wise
+ops over all groups, so the op count and memory layout set its cost, not the matmul. `prox_prune`
+keeps the weights member-major (member i of every group is one contiguous column block), finds
+the sorted magnitudes with a min/max sorting network and each member's rank with six comparisons
+instead of `torch.sort`, takes the gradient step as one ``addmm`` and reads "every group is 2:4"
+off the contested groups only. Results are bit-identical to the previous sort-based version;
+on one thread of a shared 2-core CPU that made a 384x128 layer ~2x and a 1536x512 one ~2.5x faster.
 """
 
 from __future__ import annotations

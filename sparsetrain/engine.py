@@ -85,6 +85,16 @@ def _unwrap_optimizer(opt: Any) -> torch.optim.Optimizer:
     return opt
 
 
+def _nonfinite_flags(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """1.0 for each tensor holding NaN or inf, else 0.0 (float64, ready to all-reduce).
+
+    The min and max of a tensor are NaN when it holds a NaN (they propagate it) and +-inf when it
+    holds an inf; one read of the data in its own dtype, without a temporary (a float64 sum costs
+    a conversion of every element)."""
+    ends = torch.stack([torch.stack(torch.aminmax(t.reshape(-1))).float() for t in tensors])  # (n, 2)
+    return (~torch.isfinite(ends).all(-1)).to(torch.float64)
+
+
 def _dist_rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
@@ -560,9 +570,8 @@ class Sparsifier:
         )
 
     def _check_weights_finite(self) -> None:
-        """NaN/inf in any sparse weight, by one float64 sum per layer and one host sync for all."""
-        sums = torch.stack([local_tensor(layer.weight.detach()).sum(dtype=torch.float64) for _, layer in self._layers])
-        bad = (~torch.isfinite(sums)).to(torch.float64)
+        """NaN/inf in any sparse weight: one min/max pass per layer and one host sync for all."""
+        bad = _nonfinite_flags([local_tensor(layer.weight.detach()) for _, layer in self._layers])
         self._all_reduce(bad)
         for (name, _), flag in zip(self._layers, bad.tolist()):
             if flag:
@@ -578,10 +587,7 @@ class Sparsifier:
                 names.append(name)
         if not tensors:
             return None
-        # A NaN or inf anywhere makes its sum non-finite; finite gradients cannot overflow a float64 sum.
-        sums = torch.stack([t.sum(dtype=torch.float64) for t in tensors])
-        bad = ~torch.isfinite(sums)
-        flags = bad.to(torch.float64)
+        flags = _nonfinite_flags(tensors)
         self._all_reduce(flags)
         flags = flags.tolist()
         for name, flag in zip(names, flags):

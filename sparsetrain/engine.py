@@ -382,12 +382,11 @@ class Sparsifier:
 
         Called by the optimizer hook; call it by hand only in a loop that does not use one."""
         self._skip_step = False
-        if self.config.on_nonfinite == "raise" or self.config.on_nonfinite == "skip":
-            bad = self._first_nonfinite("grad")
-            if bad is not None:
-                self._nonfinite(bad, "gradient")
-                if self._skip_step:
-                    return
+        bad = self._first_nonfinite()
+        if bad is not None:
+            self._nonfinite(bad, "gradient")  # raises, or marks the step skipped
+            if self._skip_step:
+                return
         if self.phase != "sparse":
             return
         cfg = self.config
@@ -577,7 +576,7 @@ class Sparsifier:
             if flag:
                 self._weight_error(name, "NaN/inf value(s)")
 
-    def _first_nonfinite(self, what: str) -> Optional[str]:
+    def _first_nonfinite(self) -> Optional[str]:
         """The name of the first layer whose gradient holds NaN/inf (one host sync for all)."""
         tensors, names = [], []
         for name, layer in self._layers:

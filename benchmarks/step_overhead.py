@@ -88,7 +88,8 @@ def paired_ratio(times, variant, baseline="dense"):
 
 def machine():
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average_1min": os.getloadavg()[0]}  # other jobs on the machine, at the end of the run
 
 
 def main():

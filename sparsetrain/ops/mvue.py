@@ -28,14 +28,13 @@ The contract, for float32, bfloat16 and float16 and any shape whose ``dim`` divi
 from __future__ import annotations
 
 import math
-import os
-import warnings
 from typing import Optional, Sequence
 
 import torch
 
 __all__ = ["mvue24", "mvue24_probabilities", "MVUE_CHOICES"]
 
+from .._compiled import Compiled
 from ..config import MVUE_METHODS, _fmt_choices
 
 MVUE_CHOICES = tuple(x for x in MVUE_METHODS if x is not None)  # what an estimator call takes
@@ -203,44 +202,7 @@ def _fused(gv: torch.Tensor, u: torch.Tensor, method: str) -> torch.Tensor:
 _COMPILE_MIN_NUMEL = 1 << 20
 
 
-class _CompiledCore:
-    """The inductor-compiled `_core`, built on first use. If compiling fails for a reason the
-    environment explains (no C++ toolchain, an unsupported platform), it warns once and stays
-    eager for the rest of the process; any other error propagates."""
-
-    def __init__(self):
-        self.fn = None
-        self.disabled = os.environ.get("SPARSETRAIN_COMPILE", "1") == "0"
-
-    def __call__(self, gv, u, method):
-        if self.fn is None:
-            self.fn = torch.compile(_fused, dynamic=True)
-        try:
-            return self.fn(gv, u, method)
-        except _COMPILE_ERRORS as e:
-            self.disabled = True
-            warnings.warn(
-                f"mvue24: torch.compile failed here ({type(e).__name__}: {str(e)[:200]}); MVUE runs eagerly "
-                "from now on (about 10x slower on large CPU gradients). Set SPARSETRAIN_COMPILE=0 to "
-                "skip the attempt.",
-                stacklevel=3,
-            )
-            return None
-
-
-def _compile_errors() -> tuple:
-    errors = [OSError, ImportError, NotImplementedError]
-    try:  # dynamo wraps a failing backend (inductor without a C++ compiler...) in these
-        from torch._dynamo.exc import BackendCompilerFailed, Unsupported
-
-        errors += [BackendCompilerFailed, Unsupported]
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-_COMPILE_ERRORS = _compile_errors()
-_COMPILED = _CompiledCore()
+_COMPILED = Compiled(_fused, "mvue24", "about 5x slower on large CPU gradients")
 
 
 def mvue24(
@@ -289,7 +251,7 @@ def mvue24(
         raise ValueError(f"`uniforms` must have shape {(k, pre, groups, post)}, got {tuple(uniforms.shape)}")
     else:
         u = uniforms.to(device=g.device, dtype=torch.float32)
-    if g.device.type == "cpu" and g.numel() >= _COMPILE_MIN_NUMEL and not _COMPILED.disabled:
+    if g.device.type == "cpu" and g.numel() >= _COMPILE_MIN_NUMEL:
         result = _COMPILED(gv, u, method)
         if result is not None:
             return result.reshape(g.shape)

@@ -41,6 +41,7 @@ from typing import Optional
 
 import torch
 
+from .._compiled import Compiled
 from ..ops.nm import group_view, nm_mask, project_nm
 
 __all__ = ["prox_2to4", "regularizer_2to4", "ProxResult", "prox_prune", "lambda_max"]
@@ -185,40 +186,81 @@ def _prox_blocked(z: torch.Tensor, lam: float) -> tuple[torch.Tensor, bool]:
     return torch.copysign(best.gather(1, rank), z), sparse
 
 
+# Sweeps run in chunks of this many between convergence checks: a sweep past convergence only
+# moves the iterate closer to the same fixed point, and a chunk is one fused loop when compiled.
+_CHUNK = 4
+# Below this many contested groups the sweeps run eagerly: a compiled call costs ~50 us of guard
+# and launch overhead, and 0 or 1 would make dynamo specialise the shape and compile again.
+_COMPILE_MIN_GROUPS = 256
+
+
+def _sweeps3(a0, a1, a2, x0, x1, x2, lam, tol):
+    """``_CHUNK`` sweeps of exact cyclic coordinate minimisation of the three-non-zero candidate;
+    returns the iterate and whether the last sweep moved every group by at most ``tol``."""
+    for _ in range(_CHUNK):
+        p0, p1, p2 = x0, x1, x2
+        x0 = (a0 - lam * x1 * x2).clamp_min(0)
+        x1 = (a1 - lam * x0 * x2).clamp_min(0)
+        x2 = (a2 - lam * x0 * x1).clamp_min(0)
+    change = torch.maximum(torch.maximum((x0 - p0).abs(), (x1 - p1).abs()), (x2 - p2).abs())
+    return x0, x1, x2, (change <= tol).all()
+
+
+def _sweeps4(a0, a1, a2, a3, y0, y1, y2, y3, lam, tol):
+    """As `_sweeps3` for the four-non-zero candidate (``c_i``: pairwise products of the others)."""
+    for _ in range(_CHUNK):
+        p0, p1, p2, p3 = y0, y1, y2, y3
+        y0 = (a0 - lam * (y1 * y2 + y1 * y3 + y2 * y3)).clamp_min(0)
+        y1 = (a1 - lam * (y0 * y2 + y0 * y3 + y2 * y3)).clamp_min(0)
+        y2 = (a2 - lam * (y0 * y1 + y0 * y3 + y1 * y3)).clamp_min(0)
+        y3 = (a3 - lam * (y0 * y1 + y0 * y2 + y1 * y2)).clamp_min(0)
+    change = torch.maximum(torch.maximum((y0 - p0).abs(), (y1 - p1).abs()),
+                           torch.maximum((y2 - p2).abs(), (y3 - p3).abs()))
+    return y0, y1, y2, y3, (change <= tol).all()
+
+
+_SWEEPS3 = Compiled(_sweeps3, "prox_prune", "several times slower")
+_SWEEPS4 = Compiled(_sweeps4, "prox_prune", "several times slower")
+
+
+def _run_sweeps(sweeps, compiled, a, x, lam, tol, max_sweeps):
+    """Chunks of ``sweeps`` from ``x`` until the last sweep of a chunk moved no group by more than
+    ``tol`` or ``max_sweeps`` (rounded up to a whole chunk) have run; compiled on large CPU inputs."""
+    shape = a[0].shape
+    use = compiled if a[0].device.type == "cpu" and a[0].numel() >= _COMPILE_MIN_GROUPS else None
+    # One compiled graph for every call: flat inputs (the all-contested case passes [B, K]), a
+    # start that does not alias `a`, and lam as a tensor (a Python float would recompile per lam).
+    # (a view of a 2-D tensor would be guarded through its base: copy those).
+    flat = lambda t: t if t.dim() == 1 else t.reshape(-1).clone()  # noqa: E731
+    a, tol = [flat(t) for t in a], flat(tol)
+    x = [t.reshape(-1).clone() for t in x]
+    lam_t = torch.tensor(lam, dtype=a[0].dtype, device=a[0].device)
+    for _ in range(-(-max_sweeps // _CHUNK)):
+        out = use(*a, *x, lam_t, tol) if use is not None else None
+        if out is None:
+            out = sweeps(*a, *x, lam_t, tol)
+        *x, converged = out
+        if bool(converged):
+            break
+    return [t.view(shape) for t in x]
+
+
 def _solve_contested(a: list[torch.Tensor], lam: float, work: torch.dtype) -> list[torch.Tensor]:
     """The prox of sorted magnitudes ``a[0] >= a[1] >= a[2] >= a[3]`` (four ``[C]`` tensors, one per
     rank): the best of the 2-, 3- and 4-non-zero candidates, the latter two by exact cyclic
-    coordinate minimisation. Returns the four solution tensors, one per rank."""
+    coordinate minimisation started at ``a``. Returns the four solution tensors, one per rank."""
     zero = torch.zeros_like(a[0])
     obj2 = 0.5 * (a[2] ** 2 + a[3] ** 2)
     scale = a[0].clamp_min(torch.finfo(work).tiny)
     rel_tol, max_sweeps = _PROX_SWEEPS[work]
     tol = rel_tol * scale
 
-    # Candidate with three non-zeros (the three largest), exact cyclic coordinate minimisation.
-    x0, x1, x2 = a[0], a[1], a[2]
-    for _ in range(max_sweeps):
-        p0, p1, p2 = x0, x1, x2
-        x0 = (a[0] - lam * x1 * x2).clamp_min(0)
-        x1 = (a[1] - lam * x0 * x2).clamp_min(0)
-        x2 = (a[2] - lam * x0 * x1).clamp_min(0)
-        change = torch.maximum(torch.maximum((x0 - p0).abs(), (x1 - p1).abs()), (x2 - p2).abs())
-        if bool((change <= tol).all()):
-            break
+    # Candidate with three non-zeros (the three largest).
+    x0, x1, x2 = _run_sweeps(_sweeps3, _SWEEPS3, a[:3], a[:3], lam, tol, max_sweeps)
     obj3 = 0.5 * ((x0 - a[0]) ** 2 + (x1 - a[1]) ** 2 + (x2 - a[2]) ** 2 + a[3] ** 2) + lam * x0 * x1 * x2
 
-    # Candidate with four non-zeros; c_i is the sum of pairwise products of the other three.
-    y0, y1, y2, y3 = a
-    for _ in range(max_sweeps):
-        p0, p1, p2, p3 = y0, y1, y2, y3
-        y0 = (a[0] - lam * (y1 * y2 + y1 * y3 + y2 * y3)).clamp_min(0)
-        y1 = (a[1] - lam * (y0 * y2 + y0 * y3 + y2 * y3)).clamp_min(0)
-        y2 = (a[2] - lam * (y0 * y1 + y0 * y3 + y1 * y3)).clamp_min(0)
-        y3 = (a[3] - lam * (y0 * y1 + y0 * y2 + y1 * y2)).clamp_min(0)
-        change = torch.maximum(torch.maximum((y0 - p0).abs(), (y1 - p1).abs()),
-                               torch.maximum((y2 - p2).abs(), (y3 - p3).abs()))
-        if bool((change <= tol).all()):
-            break
+    # Candidate with four non-zeros.
+    y0, y1, y2, y3 = _run_sweeps(_sweeps4, _SWEEPS4, a, a, lam, tol, max_sweeps)
     r4 = y0 * y1 * (y2 + y3) + y2 * y3 * (y0 + y1)
     obj4 = 0.5 * ((y0 - a[0]) ** 2 + (y1 - a[1]) ** 2 + (y2 - a[2]) ** 2 + (y3 - a[3]) ** 2) + lam * r4
 

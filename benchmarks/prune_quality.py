@@ -91,13 +91,13 @@ VARIANTS = {
     "sparsegpt": ("sparsegpt", 0, "cg"),
     "sparsegpt+refine": ("sparsegpt+refine", None, "cg"),
     "prox (no refine)": ("prox", 0, "cg"),
-    "prox+refine": ("prox", None, "cg"),
-    # The paper's refinement: 1000 steps of masked gradient descent instead of conjugate gradients.
-    "prox+refine (gd, paper)": ("prox", 1000, "gd"),
-    # Faster lambda growth than the paper's beta = 1.01: fewer prox iterations (~1/2, ~1/5), at
-    # some cost in the local error before refinement.
+    "prox+refine": ("prox", None, "cg"),  # prune()'s default schedule, beta = 1.05
+    # The paper's schedule (beta = 1.01: ~4x the prox iterations), with CG refinement and with the
+    # paper's refinement, 1000 steps of masked gradient descent.
+    "prox+refine (beta 1.01)": ("prox", None, "cg", 1.01),
+    "prox+refine (paper: beta 1.01, gd)": ("prox", 1000, "gd", 1.01),
+    "prox+refine (gd)": ("prox", 1000, "gd"),
     "prox+refine (beta 1.02)": ("prox", None, "cg", 1.02),
-    "prox+refine (beta 1.05)": ("prox", None, "cg", 1.05),
 }
 
 
@@ -182,6 +182,9 @@ def main(argv=None) -> dict:
                                                          if method == "prox" else None),
                     "refine_iters_mean": sum(l.refine_iters for l in report.layers) / len(report.layers),
                     "prox_hit_cap_layers": report.prox_hit_cap,
+                    # per layer: how the time grows with the layer's shape
+                    "layers": [{"shape": list(l.shape), "seconds": l.seconds, "prox_iters": l.prox_iters}
+                               for l in report.layers],
                 })
                 print(f"  [{mname} seed {cseed}] {vname:<24} ppl {ppl:8.3f}  rel.err {report.mean_rel_error:.4f}"
                       f"  {wall:6.1f} s", flush=True)
@@ -210,6 +213,11 @@ def main(argv=None) -> dict:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # models run before (e.g. `--models large` in another session) are kept
+        old = json.loads(out.read_text())
+        kept = {k: v for k, v in old.get("models", {}).items() if k not in models}
+        result["models"] = {**kept, **models}
+        result["setup_of_other_models"] = old.get("setup_of_other_models", {}) | {k: old.get("setup") for k in kept}
     out.write_text(json.dumps(result, indent=1))
     for mname, mres in models.items():
         print(f"\n{mname}: dense perplexity {mres['dense_perplexity']:.3f}")

@@ -451,5 +451,33 @@ def test_cli_end_to_end(tmp_path, capsys):
     pruned = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pruned"))
     w = pruned.transformer.h[0].mlp.c_fc.weight.detach().t()  # Conv1D stores (in, out)
     assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+    # The config says what was done to the weights, measured on them: zeros counted by hand.
+    meta = pruned.config.sparsetrain
+    assert meta["method"] == "prune:wanda+refine" and (meta["n"], meta["m"]) == (2, 4) and meta["nm_verified"]
+    assert meta["layers"] == [f"transformer.h.0.{x}" for x in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert meta["layer_zero_fraction"]["transformer.h.0.mlp.c_fc"] == pytest.approx(float((w == 0).float().mean()))
+    assert meta["layer_zero_fraction"]["transformer.h.0.mlp.c_fc"] >= 0.5
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+
+
+def test_prox_compiled_path_matches_the_per_group_loop_in_float32(monkeypatch):
+    """Large CPU inputs run the prox's element-wise steps inductor-compiled: in float32 they must give
+    the plain per-group loop's support, and the same values as the eager path."""
+    import sparsetrain.pruning.prox as px
+
+    cases = _random_groups(600, seed=11)
+    z64 = torch.tensor(np.stack([c[0] for c in cases]))  # (600, 4): above the compile threshold
+    z = z64.float()
+    assert z.numel() >= 4 * px._COMPILE_MIN_GROUPS
+    for lam in (0.05, 0.5, 5.0):
+        compiled = prox_2to4(z, lam)
+        want = torch.tensor([_prox_group_loop(row.tolist(), lam) for row in z.double()], dtype=torch.float64)
+        for fn in (px._PREPARE, px._FINISH, px._PICK, px._SWEEPS3, px._SWEEPS4):
+            monkeypatch.setattr(fn, "disabled", True)
+        eager = prox_2to4(z, lam)
+        monkeypatch.undo()
+        assert torch.equal(compiled != 0, want != 0), lam
+        torch.testing.assert_close(compiled.double(), want, rtol=0, atol=1e-4)
+        assert torch.equal(compiled != 0, eager != 0)
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)

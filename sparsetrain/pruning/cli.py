@@ -201,6 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"perplexity after: {ppl_after:.3f} (before {ppl_before:.3f})")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        _set_pruned_metadata(model, report, args)
         model.save_pretrained(out)
         for f in Path(model_dir).iterdir():  # keep the tokenizer next to the weights
             if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json",
@@ -212,6 +213,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         (out / "prune_report.json").write_text(json.dumps(info, indent=1))
         print(f"wrote {out}")
     return 0
+
+
+def _set_pruned_metadata(model, report, args) -> None:
+    """Replace the ``"sparsetrain"`` entry of the model's config (a `sparsetrain export` carries the
+    training run's) with one that describes the pruned weights: the pruning method, the pruned
+    layers and their zero fractions, measured on the weights about to be saved."""
+    from ..hub import METADATA_KEY, _linear_weight, nm_violations, sparsity_metadata
+
+    previous = getattr(model.config, METADATA_KEY, None)
+    names = [layer.name for layer in report.layers]
+    meta = sparsity_metadata(model, names, {"method": f"prune:{args.method}", "n": args.n, "m": args.m,
+                                            "targets": args.targets or "every Linear/Conv1D in the decoder blocks"},
+                             None)
+    meta["nm_verified"] = bool(names) and all(
+        nm_violations(_linear_weight(model.get_submodule(nm)), args.n, args.m) == 0 for nm in names)
+    meta["global_step"] = (previous or {}).get("global_step")  # of the training run, if it said
+    meta["tokenizer"] = (previous or {}).get("tokenizer")
+    meta["pruned_from"] = str(args.model)
+    if previous:
+        meta["trained_with"] = {k: previous.get(k) for k in ("method", "n", "m", "targets")}
+    setattr(model.config, METADATA_KEY, meta)
 
 
 if __name__ == "__main__":  # pragma: no cover

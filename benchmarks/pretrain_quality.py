@@ -194,12 +194,17 @@ def summarise(runs: list[dict]) -> dict:
         if "dense" in table and "ste" in table:
             ste_gap = table["ste"]["final_val_loss_mean"] - table["dense"]["final_val_loss_mean"]
             entry["ste_gap_closed"] = (table["ste"]["final_val_loss_mean"] - entry["final_val_loss_mean"]) / ste_gap
-            per_seed = [
-                (ste[s]["final_val_loss"] - mine[s]["final_val_loss"]) / (ste[s]["final_val_loss"] - dense[s]["final_val_loss"])
-                for s in mine if s in ste and s in dense and ste[s]["final_val_loss"] != dense[s]["final_val_loss"]
-            ]
-            entry["ste_gap_closed_per_seed"] = per_seed
-            entry["ste_gap_closed_min"] = min(per_seed) if per_seed else None
+            # Per seed against that seed's dense and STE runs; undefined (None) where STE is not
+            # behind dense at that seed: there is no gap to close there.
+            per_seed = {
+                s: ((ste[s]["final_val_loss"] - mine[s]["final_val_loss"]) / (ste[s]["final_val_loss"] - dense[s]["final_val_loss"])
+                    if ste[s]["final_val_loss"] > dense[s]["final_val_loss"] else None)
+                for s in sorted(mine) if s in ste and s in dense
+            }
+            defined = [v for v in per_seed.values() if v is not None]
+            entry["ste_gap_closed_per_seed"] = list(per_seed.values())
+            entry["ste_gap_closed_min"] = min(defined) if defined else None
+            entry["seeds_without_ste_gap"] = [s for s, v in per_seed.items() if v is None]
         paired = [mine[s]["final_val_loss"] - ste[s]["final_val_loss"] for s in mine if s in ste]
         if row != "ste" and len(paired) >= 2:
             mean, sd = statistics.fmean(paired), statistics.stdev(paired)

@@ -81,6 +81,9 @@ ROWS = {
     "prune50-wanda-ste": ["--sparsity.method", "ste", "--sparsity.prune_at", "0.5", "--sparsity.prune_method", "wanda"],
     # 6. learning rate
     "s-ste-lr3e-3": ["--sparsity.method", "s-ste", "--model.lr", "3e-3"],
+    # the same lr for dense and STE: is the gain the sparse run's, or the recipe lr's?
+    "dense-lr3e-3": ["--sparsity.method", "dense", "--model.lr", "3e-3"],
+    "ste-lr3e-3": ["--sparsity.method", "ste", "--model.lr", "3e-3"],
 }
 METHODS = ROWS  # the name before issue 12
 

@@ -92,13 +92,13 @@ VARIANTS = {
     "sparsegpt": ("sparsegpt", 0, "cg"),
     "sparsegpt+refine": ("sparsegpt+refine", None, "cg"),
     "prox (no refine)": ("prox", 0, "cg"),
-    "prox+refine": ("prox", None, "cg"),  # prune()'s default schedule, beta = 1.05
-    # The paper's schedule (beta = 1.01: ~4x the prox iterations), with CG refinement and with the
-    # paper's refinement, 1000 steps of masked gradient descent.
-    "prox+refine (beta 1.01)": ("prox", None, "cg", 1.01),
-    "prox+refine (paper: beta 1.01, gd)": ("prox", 1000, "gd", 1.01),
-    "prox+refine (gd)": ("prox", 1000, "gd"),
+    "prox+refine": ("prox", None, "cg"),  # prune()'s default: the paper's schedule, beta = 1.01
+    # The paper's refinement: 1000 steps of masked gradient descent instead of conjugate gradients.
+    "prox+refine (gd, paper)": ("prox", 1000, "gd"),
+    # Faster lambda growth: ~1/2 and ~1/4 of the prox iterations.
     "prox+refine (beta 1.02)": ("prox", None, "cg", 1.02),
+    "prox+refine (beta 1.05)": ("prox", None, "cg", 1.05),
+    "prox (no refine, beta 1.05)": ("prox", 0, "cg", 1.05),
 }
 
 

@@ -348,15 +348,14 @@ def prox_prune(
     v0: torch.Tensor,
     h: torch.Tensor,
     lambda0: float = 0.01,
-    beta: float = 1.05,
+    beta: float = 1.01,
     max_iters: int = 3000,
     step: Optional[float] = None,
 ) -> ProxResult:
     """Proximal gradient on ``0.5 tr((V - V0) H (V - V0)^T) + lam_k R(V)`` until every group is 2:4.
 
     ``V0`` and ``H`` are expected in the Wanda-normalised coordinates (``H`` with unit diagonal),
-    where the paper uses ``lambda0 = 0.01, beta = 1.01`` (here ``beta = 1.05`` by default: ~1/4 of
-    the iterations, and after refinement no worse on `benchmarks/prune_quality.py`). Each iteration takes a gradient
+    where ``lambda0 = 0.01, beta = 1.01`` are the paper's defaults. Each iteration takes a gradient
     step of size ``step`` (``1 / L`` with ``L`` the largest eigenvalue of ``H`` if not given) and
     applies ``prox_2to4`` with ``step * lam_k`` (``L`` by power iteration, `lambda_max`);
     ``lam_k = lambda0 * beta**k`` grows until the

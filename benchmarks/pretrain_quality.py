@@ -241,7 +241,9 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("val loss - dense val loss (same seed), nats/token")
-    ax.set_title(title, fontsize=9)
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -152,9 +152,10 @@ def _prepare(z: torch.Tensor, lam: torch.Tensor):
 
 
 def _finish(z: torch.Tensor, b0, b1, b2, b3) -> torch.Tensor:
-    """The solution in ``z``'s layout: member i takes the value of its rank (the solution is
+    """The solution ``b`` (per rank, flat) in ``z``'s layout: member i takes the value of its rank (the solution is
     sorted like the magnitudes) and the sign of ``z_i`` (copysign: sign() is ~40x slower)."""
     a0, a1, a2, a3 = z.abs().unbind(1)
+    b0, b1, b2, b3 = (b.view(a0.shape) for b in (b0, b1, b2, b3))  # flat [B * K] -> [B, K]
     out = []
     for r, zk in zip(_ranks(a0, a1, a2, a3), z.unbind(1)):
         v = torch.where(r == 0, b0, torch.where(r == 1, b1, torch.where(r == 2, b2, b3)))
@@ -189,18 +190,19 @@ def _prox_blocked(z: torch.Tensor, lam: float) -> tuple[torch.Tensor, bool]:
     s = (s0, s1, s2, s3)
     n_contested = int(contested.sum())
     sparse = True
+    # `best`: the solution per rank, flat ([B * K] each, never views, so that the compiled
+    # `_finish` sees the same kind of input from both branches).
     if n_contested == contested.numel():  # early in the schedule: every group, no gather needed
         best = _solve_contested(list(s), lam, z.dtype)
         sparse = not bool((best[2] != 0).any())
     else:
         # The two-non-zero candidate (R = 0) everywhere, then the contested groups' solutions.
-        zero = torch.zeros_like(s0)
-        best = [s0.clone(), s1.clone(), zero, zero.clone()]
+        best = [s0.reshape(-1).clone(), s1.reshape(-1).clone(), s0.new_zeros(s0.numel()), s0.new_zeros(s0.numel())]
         if n_contested > 0:
             idx = contested.view(-1).nonzero().squeeze(1)  # (C,)
             sol = _solve_contested([t.reshape(-1).index_select(0, idx) for t in s], lam, z.dtype)
             for b, x in zip(best, sol):
-                b.view(-1).index_copy_(0, idx, x)
+                b.index_copy_(0, idx, x)
             sparse = not bool((sol[2] != 0).any())
     finished = _FINISH(z, *best) if big else None
     return (finished if finished is not None else _finish(z, *best)), sparse
@@ -246,14 +248,10 @@ _SWEEPS4 = Compiled(_sweeps4, "prox_prune", "several times slower")
 def _run_sweeps(sweeps, compiled, a, x, lam, tol, max_sweeps):
     """Chunks of ``sweeps`` from ``x`` until the last sweep of a chunk moved no group by more than
     ``tol`` or ``max_sweeps`` (rounded up to a whole chunk) have run; compiled on large CPU inputs."""
-    shape = a[0].shape
     use = compiled if a[0].device.type == "cpu" and a[0].numel() >= _COMPILE_MIN_GROUPS else None
-    # One compiled graph for every call: flat inputs (the all-contested case passes [B, K]), a
-    # start that does not alias `a`, and lam as a tensor (a Python float would recompile per lam).
-    # (a view of a 2-D tensor would be guarded through its base: copy those).
-    flat = lambda t: t if t.dim() == 1 else t.reshape(-1).clone()  # noqa: E731
-    a, tol = [flat(t) for t in a], flat(tol)
-    x = [t.reshape(-1).clone() for t in x]
+    # One compiled graph for every call: flat inputs (see `_solve_contested`), a start that does
+    # not alias `a`, and lam as a tensor (a Python float would recompile per lam).
+    x = [t.clone() for t in x]
     lam_t = torch.tensor(lam, dtype=a[0].dtype, device=a[0].device)
     for _ in range(-(-max_sweeps // _CHUNK)):
         out = use(*a, *x, lam_t, tol) if use is not None else None
@@ -262,13 +260,17 @@ def _run_sweeps(sweeps, compiled, a, x, lam, tol, max_sweeps):
         *x, converged = out
         if bool(converged):
             break
-    return [t.view(shape) for t in x]
+    return x
 
 
 def _solve_contested(a: list[torch.Tensor], lam: float, work: torch.dtype) -> list[torch.Tensor]:
     """The prox of sorted magnitudes ``a[0] >= a[1] >= a[2] >= a[3]`` (four ``[C]`` tensors, one per
     rank): the best of the 2-, 3- and 4-non-zero candidates, the latter two by exact cyclic
-    coordinate minimisation started at ``a``. Returns the four solution tensors, one per rank."""
+    coordinate minimisation started at ``a``. Returns the four solution tensors, one per rank,
+    flattened to ``[C]``."""
+    # Flat [C] inputs and outputs, so that every compiled step sees one rank (the all-contested case passes
+    # [B, K]; a view of a 2-D tensor would also be guarded through its base: copy those).
+    a = [t if t.dim() == 1 else t.reshape(-1).clone() for t in a]
     scale = a[0].clamp_min(torch.finfo(work).tiny)
     rel_tol, max_sweeps = _PROX_SWEEPS[work]
     tol = rel_tol * scale

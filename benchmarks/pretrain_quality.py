@@ -15,12 +15,14 @@ completed across sessions.
 
 The published table uses a smaller, longer-trained model than the recipe's (``--set``): at the
 recipe's 4 x 128 for 1200 steps the model is far from its capacity and STE sat within the seed
-noise of dense (dense 1.9130/1.9118/1.9152, STE 1.9177/1.9046 on seeds 1-3), so there was no gap
-to close. 2 layers x 64 wide, 16 x 128 tokens a step for 2000 steps gives STE a 0.03 nat gap::
+noise of dense (dense 1.9130/1.9118/1.9152, STE 1.9177/1.9046 on seeds 1-2), so there was no gap
+to close. 2 layers x 64 wide, 16 x 128 tokens a step for 2000 steps gives STE a 0.02-0.03 nat gap on
+seeds 1-2 (at seed 3 dense itself lagged; the README's table has the details). Every method did
+markedly better at lr 3e-3 than at the recipe's 2e-3 (the ``-lr3e-3`` rows): use it for the next table::
 
-    python benchmarks/pretrain_quality.py --threads 1 --steps 2000 --val-every 200 \
+    python benchmarks/pretrain_quality.py --threads 1 --steps 2000 --val-every 200 \\
         --set model.n_embd=64 model.n_layer=2 model.n_head=2 data.batch_size=16 --rows dense ste s-ste
-    python benchmarks/pretrain_quality.py --steps 300 --seeds 1 --name pretrain_quality_screen \
+    python benchmarks/pretrain_quality.py --steps 300 --seeds 1 --name pretrain_quality_screen \\
         --label "screening: 300 steps, 1 seed" --threads 1
 
 One run of that setup takes ~2-4 minutes on one core. The JSON keeps runs of one setup (steps and

@@ -98,24 +98,25 @@ def _read_metrics(root: Path) -> list[dict]:
     return rows
 
 
-def _overrides(settings: list[str]) -> list[str]:
-    """``["model.n_embd=64", ...]`` -> ``["--model.n_embd", "64", ...]``."""
-    out = []
+def _parse_settings(settings: list[str]) -> dict[str, str]:
+    """``["model.n_embd=64", ...]`` -> ``{"model.n_embd": "64", ...}``."""
+    out = {}
     for item in settings:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.lstrip("-"):
             raise SystemExit(f"--set takes KEY=VALUE (e.g. model.n_embd=64), got {item!r}")
-        out += [f"--{key.lstrip('-')}", value]
+        out[key.lstrip("-")] = value
     return out
+
+
+def _overrides(settings: list[str]) -> list[str]:
+    """``--set`` items as CLI overrides: ``["--model.n_embd", "64", ...]``."""
+    return [a for key, value in _parse_settings(settings).items() for a in (f"--{key}", value)]
 
 
 def _row_args(method: str, settings: list[str]) -> list[str]:
     """The row's overrides, with the half-wide FFN computed from the model's width."""
-    width = 128  # the recipe's n_embd
-    for item in settings:
-        key, _, value = item.partition("=")
-        if key.lstrip("-") == "model.n_embd":
-            width = int(value)
+    width = int(_parse_settings(settings).get("model.n_embd", 128))  # 128: the recipe's n_embd
     return [str(2 * width) if a == HALF_FFN else a for a in ROWS[method]]
 
 

@@ -193,14 +193,14 @@ def _prox_blocked(z: torch.Tensor, lam: float) -> tuple[torch.Tensor, bool]:
     # `best`: the solution per rank, flat ([B * K] each, never views, so that the compiled
     # `_finish` sees the same kind of input from both branches).
     if n_contested == contested.numel():  # early in the schedule: every group, no gather needed
-        best = _solve_contested(list(s), lam, z.dtype)
+        best = _solve_contested(list(s), lam_t, z.dtype)
         sparse = not bool((best[2] != 0).any())
     else:
         # The two-non-zero candidate (R = 0) everywhere, then the contested groups' solutions.
         best = [s0.reshape(-1).clone(), s1.reshape(-1).clone(), s0.new_zeros(s0.numel()), s0.new_zeros(s0.numel())]
         if n_contested > 0:
             idx = contested.view(-1).nonzero().squeeze(1)  # (C,)
-            sol = _solve_contested([t.reshape(-1).index_select(0, idx) for t in s], lam, z.dtype)
+            sol = _solve_contested([t.reshape(-1).index_select(0, idx) for t in s], lam_t, z.dtype)
             for b, x in zip(best, sol):
                 b.index_copy_(0, idx, x)
             sparse = not bool((sol[2] != 0).any())
@@ -245,14 +245,13 @@ _SWEEPS3 = Compiled(_sweeps3, "prox_prune", "several times slower")
 _SWEEPS4 = Compiled(_sweeps4, "prox_prune", "several times slower")
 
 
-def _run_sweeps(sweeps, compiled, a, x, lam, tol, max_sweeps):
+def _run_sweeps(sweeps, compiled, a, x, lam_t, tol, max_sweeps):
     """Chunks of ``sweeps`` from ``x`` until the last sweep of a chunk moved no group by more than
     ``tol`` or ``max_sweeps`` (rounded up to a whole chunk) have run; compiled on large CPU inputs."""
     use = compiled if a[0].device.type == "cpu" and a[0].numel() >= _COMPILE_MIN_GROUPS else None
     # One compiled graph for every call: flat inputs (see `_solve_contested`), a start that does
-    # not alias `a`, and lam as a tensor (a Python float would recompile per lam).
+    # not alias `a`, and lam as a 0-d tensor (a Python float would recompile per lam).
     x = [t.clone() for t in x]
-    lam_t = torch.tensor(lam, dtype=a[0].dtype, device=a[0].device)
     for _ in range(-(-max_sweeps // _CHUNK)):
         out = use(*a, *x, lam_t, tol) if use is not None else None
         if out is None:
@@ -263,7 +262,7 @@ def _run_sweeps(sweeps, compiled, a, x, lam, tol, max_sweeps):
     return x
 
 
-def _solve_contested(a: list[torch.Tensor], lam: float, work: torch.dtype) -> list[torch.Tensor]:
+def _solve_contested(a: list[torch.Tensor], lam_t: torch.Tensor, work: torch.dtype) -> list[torch.Tensor]:
     """The prox of sorted magnitudes ``a[0] >= a[1] >= a[2] >= a[3]`` (four ``[C]`` tensors, one per
     rank): the best of the 2-, 3- and 4-non-zero candidates, the latter two by exact cyclic
     coordinate minimisation started at ``a``. Returns the four solution tensors, one per rank,
@@ -275,10 +274,9 @@ def _solve_contested(a: list[torch.Tensor], lam: float, work: torch.dtype) -> li
     rel_tol, max_sweeps = _PROX_SWEEPS[work]
     tol = rel_tol * scale
 
-    # Candidates with three non-zeros (the three largest) and with four.
-    x = _run_sweeps(_sweeps3, _SWEEPS3, a[:3], a[:3], lam, tol, max_sweeps)
-    y = _run_sweeps(_sweeps4, _SWEEPS4, a, a, lam, tol, max_sweeps)
-    lam_t = torch.tensor(lam, dtype=a[0].dtype, device=a[0].device)
+    # Candidates with three non-zeros (the three largest) and with four (lam_t: 0-d, `a`'s dtype).
+    x = _run_sweeps(_sweeps3, _SWEEPS3, a[:3], a[:3], lam_t, tol, max_sweeps)
+    y = _run_sweeps(_sweeps4, _SWEEPS4, a, a, lam_t, tol, max_sweeps)
     picked = _PICK(*a, *x, *y, lam_t) if a[0].device.type == "cpu" and a[0].numel() >= _COMPILE_MIN_GROUPS else None
     return list(picked if picked is not None else _pick(*a, *x, *y, lam_t))
 

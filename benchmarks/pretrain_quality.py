@@ -16,17 +16,21 @@ completed across sessions.
 The published table uses a smaller, longer-trained model than the recipe's (``--set``): at the
 recipe's 4 x 128 for 1200 steps the model is far from its capacity and STE sat within the seed
 noise of dense (dense 1.9130/1.9118/1.9152, STE 1.9177/1.9046 on seeds 1-2), so there was no gap
-to close. 2 layers x 64 wide, 16 x 128 tokens a step for 2000 steps gives STE a 0.02-0.03 nat gap on
-seeds 1-2 (at seed 3 dense itself lagged; the README's table has the details). Every method did
-markedly better at lr 3e-3 than at the recipe's 2e-3 (the ``-lr3e-3`` rows): use it for the next table::
+to close. 2 layers x 64 wide, 16 x 128 tokens a step for 2000 steps, at lr 3e-3 (every method did
+markedly better there than at the recipe's 2e-3: ``pretrain_quality_lr2e-3.json``), gives STE a
+~0.05 nat gap to dense with a seed spread of ~0.008::
 
-    python benchmarks/pretrain_quality.py --threads 1 --steps 2000 --val-every 200 \\
-        --set model.n_embd=64 model.n_layer=2 model.n_head=2 data.batch_size=16 --rows dense ste s-ste
-    python benchmarks/pretrain_quality.py --steps 300 --seeds 1 --name pretrain_quality_screen \\
+    python benchmarks/pretrain_quality.py --threads 1 --steps 2000 --val-every 200 \
+        --set model.n_embd=64 model.n_layer=2 model.n_head=2 data.batch_size=16 model.lr=3e-3 \
+        --rows dense ste s-ste --seeds 1 2 3 4 5 6
+    python benchmarks/pretrain_quality.py --table      # the README's table from the JSON
+    python benchmarks/pretrain_quality.py --steps 300 --seeds 1 --name pretrain_quality_screen \
         --label "screening: 300 steps, 1 seed" --threads 1
 
-One run of that setup takes ~2-4 minutes on one core. The JSON keeps runs of one setup (steps and
-``--set``) only: a run with another setup replaces the file's runs.
+One run of that setup takes ~3 minutes on one idle core (5-10 with other jobs beside it). The
+JSON keeps runs of one setup (steps and ``--set``) only: a run with another setup replaces the
+file's runs. Jobs of one setup can run side by side (other rows, other seeds): each re-reads the
+file before writing it, so none overwrites another's rows.
 
 On a machine shared with other jobs set ``OMP_NUM_THREADS=1`` (or ``--threads 1``): with OpenMP
 threads oversubscribed, one 1200-step run took hours instead of minutes.
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -76,6 +81,9 @@ ROWS = {
     # 4. Adam state on mask flips
     "s-ste+flip-reset": ["--sparsity.method", "s-ste", "--sparsity.flip_moments", "reset"],
     "ste+flip-reset": ["--sparsity.method", "ste", "--sparsity.flip_moments", "reset"],
+    # 1 + 4: the two best of the lr-3e-3 table's first candidates together
+    "warmup10-s-ste+flip-reset": ["--sparsity.method", "s-ste", "--sparsity.dense_warmup", "0.1",
+                                  "--sparsity.flip_moments", "reset"],
     # 5. dense, prune once, sparse to the end, in one fit
     "prune50-magnitude-s-ste": ["--sparsity.method", "s-ste", "--sparsity.prune_at", "0.5"],
     "prune50-wanda-s-ste": ["--sparsity.method", "s-ste", "--sparsity.prune_at", "0.5", "--sparsity.prune_method", "wanda"],
@@ -86,6 +94,13 @@ ROWS = {
     # the same lr for dense and STE: is the gain the sparse run's, or the recipe lr's?
     "dense-lr3e-3": ["--sparsity.method", "dense", "--model.lr", "3e-3"],
     "ste-lr3e-3": ["--sparsity.method", "ste", "--model.lr", "3e-3"],
+    # a higher peak lr for the sparse run than the table's 3e-3, and dense at it for reference
+    "s-ste-lr4e-3": ["--sparsity.method", "s-ste", "--model.lr", "4e-3"],
+    "s-ste+flip-reset-lr4e-3": ["--sparsity.method", "s-ste", "--sparsity.flip_moments", "reset", "--model.lr", "4e-3"],
+    "dense-lr4e-3": ["--sparsity.method", "dense", "--model.lr", "4e-3"],
+    "ste-lr4e-3": ["--sparsity.method", "ste", "--model.lr", "4e-3"],
+    "warmup10-s-ste+flip-reset-lr4e-3": ["--sparsity.method", "s-ste", "--sparsity.dense_warmup", "0.1",
+                                         "--sparsity.flip_moments", "reset", "--model.lr", "4e-3"],
 }
 METHODS = ROWS  # the name before issue 12
 
@@ -173,8 +188,9 @@ def _t975(df: int) -> float:
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Per row: mean and spread over seeds, gap to dense, fraction of STE's gap closed (of the means,
-    and the smallest over seeds, each seed against the dense and STE runs of the same seed), and
+    """Per row: mean and spread over seeds, gap to dense, fraction of STE's gap closed (of the means
+    over the seeds shared with dense and STE, and per seed against the dense and STE runs of the
+    same seed, with the smallest of those), and
     the difference to STE paired by seed with its 95% t-interval."""
     by_row: dict = {}
     for r in runs:
@@ -192,14 +208,24 @@ def summarise(runs: list[dict]) -> dict:
             "final_flip_rate_mean": statistics.fmean(r.get("final_flip_rate", r["flip_rate"]) for r in mine.values()),
             "seeds": sorted(mine),
         }
-    dense, ste = by_row.get("dense", {}), by_row.get("ste", {})
     for row, entry in table.items():
         mine = by_row[row]
-        if "dense" in table:
-            entry["gap_to_dense"] = entry["final_val_loss_mean"] - table["dense"]["final_val_loss_mean"]
-        if "dense" in table and "ste" in table:
-            ste_gap = table["ste"]["final_val_loss_mean"] - table["dense"]["final_val_loss_mean"]
-            entry["ste_gap_closed"] = (table["ste"]["final_val_loss_mean"] - entry["final_val_loss_mean"]) / ste_gap
+        # A row run at another learning rate ("<row>-lr4e-3") is compared with the dense and STE
+        # rows of that lr when they exist: a gain the lr gives dense as well is not the method's.
+        suffix = row[row.rfind("-lr"):] if "-lr" in row else ""
+        ref_dense, ref_ste = ("dense" + suffix, "ste" + suffix) if suffix and "dense" + suffix in table \
+            and "ste" + suffix in table else ("dense", "ste")
+        entry["compared_with"] = [ref_dense, ref_ste]
+        dense, ste = by_row.get(ref_dense, {}), by_row.get(ref_ste, {})
+        if ref_dense in table:
+            entry["gap_to_dense"] = entry["final_val_loss_mean"] - table[ref_dense]["final_val_loss_mean"]
+        if ref_dense in table and ref_ste in table:
+            # Of the means over the seeds this row shares with dense and STE (rows run on fewer
+            # seeds are not compared with other seeds' dense and STE runs).
+            common = [s for s in mine if s in dense and s in ste] or None
+            m_row, m_ste, m_dense = (statistics.fmean(x[s]["final_val_loss"] for s in (common or x))
+                                     for x in (mine, ste, dense))
+            entry["ste_gap_closed"] = (m_ste - m_row) / (m_ste - m_dense)
             # Per seed against that seed's dense and STE runs; undefined (None) where STE is not
             # behind dense at that seed: there is no gap to close there.
             per_seed = {
@@ -212,7 +238,7 @@ def summarise(runs: list[dict]) -> dict:
             entry["ste_gap_closed_min"] = min(defined) if defined else None
             entry["seeds_without_ste_gap"] = [s for s, v in per_seed.items() if v is None]
         paired = [mine[s]["final_val_loss"] - ste[s]["final_val_loss"] for s in mine if s in ste]
-        if row != "ste" and len(paired) >= 2:
+        if row != ref_ste and len(paired) >= 2:
             mean, sd = statistics.fmean(paired), statistics.stdev(paired)
             half = _t975(len(paired) - 1) * sd / len(paired) ** 0.5
             entry["paired_diff_to_ste"] = {"mean": mean, "ci95": [mean - half, mean + half], "n": len(paired),
@@ -228,16 +254,22 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dense = {r["seed"]: dict(map(tuple, r["val_curve"])) for r in runs if r["method"] == "dense"}
+    curves = {(r["method"], r["seed"]): dict(map(tuple, r["val_curve"])) for r in runs}
+    rows_run = {r["method"] for r in runs}
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for row in [*ROWS, *sorted({r["method"] for r in runs} - set(ROWS))]:
+    for row in [*ROWS, *sorted(rows_run - set(ROWS))]:
+        # against dense at the row's lr where that was run (as in `summarise`)
+        suffix = row[row.rfind("-lr"):] if "-lr" in row else ""
+        ref = "dense" + suffix if suffix and "dense" + suffix in rows_run else "dense"
+        dense = {seed: c for (m, seed), c in curves.items() if m == ref}
         mine = [r for r in runs if r["method"] == row and r["seed"] in dense]
-        if not mine or row == "dense":
+        if not mine or row == ref:
             continue
         steps = [s for s, _ in mine[0]["val_curve"] if all(s in dense[r["seed"]] for r in mine)]
         gaps = [[dict(map(tuple, r["val_curve"]))[s] - dense[r["seed"]][s] for s in steps] for r in mine]
         mean = [statistics.fmean(g[i] for g in gaps) for i in range(len(steps))]
-        (line,) = ax.plot(steps, mean, label=f"{row} (n={len(mine)})")
+        label = f"{row} (n={len(mine)})" + ("" if ref == "dense" else f" vs {ref}")
+        (line,) = ax.plot(steps, mean, label=label)
         if len(mine) > 1:
             ax.fill_between(steps, [min(g[i] for g in gaps) for i in range(len(steps))],
                             [max(g[i] for g in gaps) for i in range(len(steps))], color=line.get_color(), alpha=0.15)
@@ -259,6 +291,11 @@ def _load(path: Path) -> list[dict]:
     return json.loads(path.read_text()).get("runs", [])
 
 
+def _same_setup(runs: list[dict], args) -> list[dict]:
+    """The runs of this setup: other steps or settings are another experiment."""
+    return [r for r in runs if r.get("steps", args.steps) == args.steps and r.get("settings", []) == list(args.set)]
+
+
 def _write(path: Path, runs: list[dict], args, label: str) -> dict:
     table = summarise(runs)
     result = {
@@ -273,8 +310,30 @@ def _write(path: Path, runs: list[dict], args, label: str) -> dict:
         "runs": runs,
         "python": sys.version.split()[0],
     }
-    path.write_text(json.dumps(result, indent=1))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")  # whole-file replace: a reader never sees half
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
     return table
+
+
+def markdown_table(table: dict) -> str:
+    """The README's table from a ``summarise`` result."""
+    def pct(x):
+        return "n/a" if x is None else f"{x:.0%}"
+
+    lines = ["| row | final val loss (mean ± std) | gap to dense | STE gap closed (of means; per seed) | "
+             "paired diff to STE [95% CI] | final flip rate |", "|---|---:|---:|---|---|---:|"]
+    for row, e in table.items():
+        pd = e.get("paired_diff_to_ste")
+        pd_s = f"{pd['mean']:+.4f} [{pd['ci95'][0]:+.4f}, {pd['ci95'][1]:+.4f}]" if pd else "-"
+        closed = "-"
+        if e.get("ste_gap_closed") is not None:
+            closed = f"{pct(e['ste_gap_closed'])}; " + ", ".join(pct(x) for x in e.get("ste_gap_closed_per_seed", []))
+        ref = e.get("compared_with", ["dense", "ste"])
+        note = "" if ref == ["dense", "ste"] else f" (vs {ref[0]}, {ref[1]})"
+        lines.append(f"| {row} (n={len(e['seeds'])}){note} | {e['final_val_loss_mean']:.4f} ± {e['final_val_loss_std']:.4f} | "
+                     f"{e.get('gap_to_dense', float('nan')):+.4f} | {closed} | {pd_s} | {e['final_flip_rate_mean']:.1e} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -294,7 +353,12 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="recipe overrides for every row, e.g. model.n_embd=64 data.batch_size=16 (stored in the JSON)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--table", action="store_true", help="print the table of the JSON (--out, --name) and exit")
     args = p.parse_args(argv)
+    if args.table:
+        runs = _load(Path(args.out) / f"{args.name}.json")
+        print(markdown_table(summarise(runs)))
+        return 0
     _overrides(args.set)  # a malformed KEY=VALUE fails before any training
     if args.threads:
         import torch
@@ -307,27 +371,22 @@ def main(argv=None) -> int:
     cache = str(default_cache_dir(args.cache_dir))
     path = out / f"{args.name}.json"
     # Merge only with runs of the same setup: other steps or settings are another experiment.
-    runs = [r for r in _load(path)
-            if r.get("steps", args.steps) == args.steps and r.get("settings", []) == list(args.set)]
+    runs, mine = _same_setup(_load(path), args), {}
     with tempfile.TemporaryDirectory(prefix="pretrain_quality_") as tmp:
         for method in args.rows:
             for seed in args.seeds:
                 r = run_one(method, seed, args.steps, args.val_every, Path(tmp), cache, args.set)
-                runs = [x for x in runs if (x["method"], x["seed"]) != (method, seed)] + [r]
+                mine[(method, seed)] = r
                 print(f"{method:>24s} seed {seed}: val loss {r['final_val_loss']:.4f}  "
                       f"flip rate {r['final_flip_rate']:.2e}  ({r['wall_s']:.0f} s)", flush=True)
-            table = _write(path, runs, args, args.label)  # after every row: a table completed across sessions
+            # After every row, re-read the file so that jobs run side by side (other rows or seeds
+            # of the same setup, written meanwhile) are merged, not overwritten.
+            runs = [x for x in _same_setup(_load(path), args) if (x["method"], x["seed"]) not in mine]
+            runs += list(mine.values())
+            table = _write(path, runs, args, args.label)  # a table completed across sessions and jobs
     setup = " ".join(args.set) if args.set else "the recipe's model"
     plot(runs, out / f"{args.name}.png", f"tiny recipe, {setup} ({args.label}): 2:4 FFN, {args.steps} steps")
-    print("\n| row | final val loss | gap to dense | STE gap closed (mean; min over seeds) | "
-          "paired diff to STE [95% CI] | final flip rate |\n|---|---|---|---|---|---|")
-    for row, e in table.items():
-        pd = e.get("paired_diff_to_ste")
-        pd_s = f"{pd['mean']:+.4f} [{pd['ci95'][0]:+.4f}, {pd['ci95'][1]:+.4f}]" if pd else "-"
-        closed = e.get("ste_gap_closed")
-        closed_s = f"{closed:.0%}; {e['ste_gap_closed_min']:.0%}" if closed is not None and e.get("ste_gap_closed_min") is not None else "-"
-        print(f"| {row} | {e['final_val_loss_mean']:.4f} ± {e['final_val_loss_std']:.4f} | "
-              f"{e.get('gap_to_dense', float('nan')):+.4f} | {closed_s} | {pd_s} | {e['final_flip_rate_mean']:.2e} |")
+    print("\n" + markdown_table(table))
     return 0
 
 

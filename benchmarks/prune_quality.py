@@ -83,22 +83,32 @@ def _train(args, train_ids: torch.Tensor):
 # pruners' time can be read against layer width.
 MODELS = {"small": {"n_embd": 128, "n_layer": 4, "n_head": 4}, "large": {"n_embd": 256, "n_layer": 4, "n_head": 4}}
 
-# name -> (prune() method, refine_steps or None for --refine-steps, refine_solver[, prox lambda growth beta])
+# The paper's prox schedule: plain proximal gradient, lambda growing by 1.01 per step throughout.
+PAPER = {"beta": 1.01, "prox_accelerate": False, "prox_idle_beta": None}
+
+# name -> (prune() method, refine_steps or None for --refine-steps, refine_solver, other prune() kwargs)
 VARIANTS = {
-    "magnitude": ("magnitude", 0, "cg"),
-    "magnitude+refine": ("magnitude+refine", None, "cg"),
-    "wanda": ("wanda", 0, "cg"),
-    "wanda+refine": ("wanda+refine", None, "cg"),
-    "sparsegpt": ("sparsegpt", 0, "cg"),
-    "sparsegpt+refine": ("sparsegpt+refine", None, "cg"),
-    "prox (no refine)": ("prox", 0, "cg"),
-    "prox+refine": ("prox", None, "cg"),  # prune()'s default: the paper's schedule, beta = 1.01
-    # The paper's refinement: 1000 steps of masked gradient descent instead of conjugate gradients.
-    "prox+refine (gd, paper)": ("prox", 1000, "gd"),
-    # Faster lambda growth: ~1/2 and ~1/4 of the prox iterations.
-    "prox+refine (beta 1.02)": ("prox", None, "cg", 1.02),
-    "prox+refine (beta 1.05)": ("prox", None, "cg", 1.05),
-    "prox (no refine, beta 1.05)": ("prox", 0, "cg", 1.05),
+    "magnitude": ("magnitude", 0, "cg", {}),
+    "magnitude+refine": ("magnitude+refine", None, "cg", {}),
+    "wanda": ("wanda", 0, "cg", {}),
+    "wanda+refine": ("wanda+refine", None, "cg", {}),
+    "sparsegpt": ("sparsegpt", 0, "cg", {}),
+    "sparsegpt+refine": ("sparsegpt+refine", None, "cg", {}),
+    # prune()'s default: FISTA steps, lambda x1.025 per step (x1.2 while no group is being decided)
+    "prox+refine": ("prox", None, "cg", {}),
+    "prox (no refine)": ("prox", 0, "cg", {}),
+    # The paper's schedule, with conjugate gradients and with its 1000 steps of masked gradient descent.
+    "prox+refine (paper schedule)": ("prox", None, "cg", PAPER),
+    "prox+refine (gd, paper)": ("prox", 1000, "gd", PAPER),
+    # The plain schedule with faster lambda growth: ~1/2 and ~1/4 of the paper's iterations.
+    "prox+refine (beta 1.02)": ("prox", None, "cg", {**PAPER, "beta": 1.02}),
+    "prox+refine (beta 1.05)": ("prox", None, "cg", {**PAPER, "beta": 1.05}),
+    "prox (no refine, beta 1.05)": ("prox", 0, "cg", {**PAPER, "beta": 1.05}),
+    # FISTA momentum alone (no faster idle phases)
+    "prox+refine (fista, beta 1.03)": ("prox", None, "cg", {"beta": 1.03, "prox_idle_beta": None}),
+    "prox+refine (fista, beta 1.05)": ("prox", None, "cg", {"beta": 1.05, "prox_idle_beta": None}),
+    # the default with lambda growing more slowly in the decisive phase
+    "prox+refine (beta 1.02, idle 1.2)": ("prox", None, "cg", {"beta": 1.02}),
 }
 
 
@@ -124,10 +134,54 @@ def _dense_model(args, name: str, train_ids: torch.Tensor):
     return model, meta
 
 
+def _warm_up_compiled() -> float:
+    """Compile the prox's element-wise steps once before anything is timed, and return how long
+    that took: a one-time cost per process (inductor caches the kernels on disk, so a later process
+    pays less), which would otherwise land in the first calibration seed's time of the first prox
+    variant only."""
+    import sparsetrain.pruning.prox as px
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    t0 = time.perf_counter()
+    px.prox_prune(torch.randn(48, 64, generator=g), x.T @ x / 256, beta=1.3, accelerate=True)
+    # The extra sweep chunks run only for slowly converging groups, so call them directly (without
+    # grad, as the prox does: a compiled function recompiles when the grad mode changes).
+    a = [torch.rand(1024, generator=g) for _ in range(4)]
+    lam, tol = torch.tensor(0.5), torch.full((1024,), 1e-6)
+    with torch.no_grad():
+        px._SWEEPS3(*a[:3], *[t.clone() for t in a[:3]], lam, tol)  # distinct tensors, as in use
+        px._SWEEPS4(*a, *[t.clone() for t in a], lam, tol)
+    return time.perf_counter() - t0
+
+
 def _stats(xs):
     mean = sum(xs) / len(xs)
     std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
     return mean, std
+
+
+def markdown_tables(models: dict) -> str:
+    """The README's tables, one per model, from the JSON's ``models`` entry."""
+    out = []
+    for mname, mres in models.items():
+        dense = mres["dense_perplexity"]
+        out.append(f"\n**{mname}** ({mres['config'].get('n_layer')} x {mres['config'].get('n_embd')}), "
+                   f"dense perplexity {dense:.3f}:\n")
+        out.append("| method | val. perplexity (mean ± std, 3 calibration seeds) | excess over dense | "
+                   "excess / SparseGPT+refine's | mean rel. error | wall time (s) | time / SparseGPT+refine | "
+                   "prox iterations per layer |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        order = list(VARIANTS)
+        for vname in sorted(mres["summary"], key=lambda k: order.index(k) if k in order else len(order)):
+            r = mres["summary"][vname]
+            ex, tr = r["excess_ratio_to_sparsegpt_refine"], r["time_ratio_to_sparsegpt_refine"]
+            its = [x["prox_iters_mean"] for x in mres["runs"].get(vname, []) if x.get("prox_iters_mean")]
+            out.append(f"| {vname} | {r['perplexity_mean']:.3f} ± {r['perplexity_std']:.3f} | "
+                       f"{r['perplexity_mean'] - dense:+.3f} | {'-' if ex is None else f'{ex:.2f}'} | "
+                       f"{r['mean_rel_error']:.4f} | {r['seconds_mean']:.1f} ± {r['seconds_std']:.1f} | "
+                       f"{'-' if tr is None else f'{tr:.2f}'} | {round(sum(its) / len(its)) if its else '-'} |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> dict:
@@ -151,8 +205,13 @@ def main(argv=None) -> dict:
                    help="torch threads; 1 by default because on a shared 2-core machine two OpenMP threads "
                         "spin against other jobs (a 256x64 @ 64x64 matmul took 7 ms with 2 threads, 14 us with 1)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--table", action="store_true", help="print the tables of the JSON at --out and exit (no run)")
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown_tables(json.loads(Path(args.out).read_text())["models"]))
+        return {}
     torch.set_num_threads(args.threads)
+    warmup_s = _warm_up_compiled()
 
     ids = _tokens(args.max_bytes)
     split = int(len(ids) * 0.9)
@@ -172,8 +231,7 @@ def main(argv=None) -> dict:
             calib = torch.stack([train_ids[s_:s_ + t] for s_ in starts])  # (N, T)
             calib_batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
             for vname in args.variants:
-                method, steps_, solver, *beta = VARIANTS[vname]
-                extra = {"beta": beta[0]} if beta else {}
+                method, steps_, solver, extra = VARIANTS[vname]
                 steps_ = args.refine_steps if steps_ is None else steps_
                 model = copy.deepcopy(dense)
                 t0 = time.perf_counter()
@@ -205,6 +263,8 @@ def main(argv=None) -> dict:
                 "seconds_mean": tm, "seconds_std": ts,
                 "time_ratio_to_sparsegpt_refine": tm / ref_t if ref_t else None,
                 "mean_rel_error": _stats([r["mean_rel_error"] for r in rs])[0],
+                # the reference of this entry's time ratio, measured in the same run
+                "sparsegpt_refine_seconds_same_run": ref_t,
             }
         models[mname] = {"config": meta, "dense_perplexity": dense_ppl, "summary": summary, "runs": runs}
 
@@ -212,7 +272,8 @@ def main(argv=None) -> dict:
         "setup": {**{k: v for k, v in vars(args).items() if k != "out"},
                   "corpus": "Python stdlib source, byte-level", "torch": torch.__version__,
                   "machine": (platform.processor() or platform.machine()) + f", {os.cpu_count()} cores (shared)",
-                  "threads": torch.get_num_threads()},
+                  "threads": torch.get_num_threads(),
+                  "compile_warmup_seconds": warmup_s},  # before any timing; see _warm_up_compiled
         "models": models,
     }
     out = Path(args.out)
@@ -220,18 +281,20 @@ def main(argv=None) -> dict:
     if out.exists():  # models run before (e.g. `--models large` in another session) are kept
         old = json.loads(out.read_text())
         kept = {k: v for k, v in old.get("models", {}).items() if k not in models}
+        for mname, mres in models.items():
+            # Variants of the same model run before (with other --variants) are kept beside the
+            # new ones; each keeps the time ratio measured in its own run.
+            prev = old.get("models", {}).get(mname)
+            if prev and prev.get("config", {}).get("train_steps") == mres["config"].get("train_steps"):
+                mres["summary"] = {**{k: v for k, v in prev["summary"].items() if k not in mres["summary"]},
+                                   **mres["summary"]}
+                mres["runs"] = {**{k: v for k, v in prev["runs"].items() if k not in mres["runs"]}, **mres["runs"]}
         result["models"] = {**kept, **models}
         result["setup_of_other_models"] = old.get("setup_of_other_models", {}) | {k: old.get("setup") for k in kept}
+        if "renamed_variants" in old:  # how older entries' names map to today's variants
+            result["renamed_variants"] = old["renamed_variants"]
     out.write_text(json.dumps(result, indent=1))
-    for mname, mres in models.items():
-        print(f"\n{mname}: dense perplexity {mres['dense_perplexity']:.3f}")
-        print("| method | val. perplexity (mean ± std) | excess / SparseGPT+refine's | wall time (s) | time / SparseGPT+refine |")
-        print("|---|---:|---:|---:|---:|")
-        for vname, r in mres["summary"].items():
-            ex = r["excess_ratio_to_sparsegpt_refine"]
-            tr = r["time_ratio_to_sparsegpt_refine"]
-            print(f"| {vname} | {r['perplexity_mean']:.3f} ± {r['perplexity_std']:.3f} | "
-                  f"{'-' if ex is None else f'{ex:.2f}'} | {r['seconds_mean']:.1f} | {'-' if tr is None else f'{tr:.2f}'} |")
+    print(markdown_tables({k: result["models"][k] for k in models}))
     return result
 
 

@@ -241,6 +241,71 @@ def test_quality_benchmark_runs(tmp_path):
     assert set(result["table"]) == {"dense", "s-ste"}
 
 
+def test_quality_benchmark_merges_jobs_run_side_by_side(tmp_path, monkeypatch):
+    # Two jobs of one setup write the same JSON: what the other job wrote while this one trained is
+    # kept, a run of another setup is dropped, and this job's runs replace its own earlier ones.
+    import importlib.util
+
+    path = Path(RECIPE).parents[1] / "benchmarks" / "pretrain_quality.py"
+    spec = importlib.util.spec_from_file_location("pretrain_quality_merge", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "pretrain_quality.json"
+    settings = ["model.n_embd=64"]
+
+    def fake(method, seed, loss, setup=settings):
+        return {"method": method, "seed": seed, "steps": 4, "settings": list(setup), "final_val_loss": loss,
+                "val_curve": [[2, loss + 0.1], [4, loss]], "flip_rate": 0.0, "final_flip_rate": 0.0, "flip_curve": [],
+                "wall_s": 1.0}
+
+    def write(runs):
+        out.write_text(json.dumps({"runs": runs}))
+
+    write([fake("dense", 1, 2.0), fake("ste", 1, 9.9), fake("ste", 2, 2.5, setup=["model.n_embd=32"])])
+
+    def run_one(method, seed, steps, val_every, workdir, cache, settings_):
+        # meanwhile the other job finished its "sr-ste" row
+        write(json.loads(out.read_text())["runs"] + [fake("sr-ste", 1, 2.3)])
+        return fake(method, seed, 2.2)
+
+    monkeypatch.setattr(bench, "run_one", run_one)
+    assert bench.main(["--steps", "4", "--seeds", "1", "--rows", "ste", "--set", *settings,
+                       "--out", str(tmp_path)]) == 0
+    runs = {(r["method"], r["seed"]): r["final_val_loss"] for r in json.loads(out.read_text())["runs"]}
+    assert runs == {("dense", 1): 2.0, ("ste", 1): 2.2, ("sr-ste", 1): 2.3}
+
+
+def test_quality_table_statistics_by_hand():
+    import importlib.util
+
+    path = Path(RECIPE).parents[1] / "benchmarks" / "pretrain_quality.py"
+    spec = importlib.util.spec_from_file_location("pretrain_quality_stats", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    losses = {("dense", 1): 1.0, ("dense", 2): 1.2, ("ste", 1): 1.5, ("ste", 2): 1.6, ("ste", 3): 2.0,
+              ("s-ste", 1): 1.25, ("s-ste", 2): 1.3,
+              ("dense-lr4e-3", 1): 0.9, ("dense-lr4e-3", 2): 1.0, ("ste-lr4e-3", 1): 1.3, ("ste-lr4e-3", 2): 1.4,
+              ("s-ste-lr4e-3", 1): 1.1, ("s-ste-lr4e-3", 2): 1.2}
+    runs = [{"method": m, "seed": s, "final_val_loss": v, "flip_rate": 0.0} for (m, s), v in losses.items()]
+    table = bench.summarise(runs)
+    row = table["s-ste"]
+    # of the means over seeds 1-2, the ones s-ste shares with dense and STE: (1.55 - 1.275) / (1.55 - 1.1)
+    assert row["ste_gap_closed"] == pytest.approx(0.275 / 0.45)
+    assert row["ste_gap_closed_per_seed"] == pytest.approx([0.25 / 0.5, 0.3 / 0.4])
+    # paired by seed: -0.25, -0.30; sd 0.05 / sqrt(2); t(0.975, 1 df) = 12.7062
+    pd = row["paired_diff_to_ste"]
+    assert pd["mean"] == pytest.approx(-0.275)
+    half = 12.7062 * (0.05 / 2 ** 0.5) / 2 ** 0.5
+    assert pd["ci95"] == pytest.approx([-0.275 - half, -0.275 + half], rel=1e-4)
+    assert not pd["excludes_zero"]
+    assert row["gap_to_dense"] == pytest.approx(1.275 - 1.1)
+    # a row at another lr is measured against dense and STE at that lr
+    other = table["s-ste-lr4e-3"]
+    assert other["compared_with"] == ["dense-lr4e-3", "ste-lr4e-3"]
+    assert other["ste_gap_closed"] == pytest.approx((1.35 - 1.15) / (1.35 - 0.95))
+    assert other["paired_diff_to_ste"]["mean"] == pytest.approx(-0.2)
+
+
 def test_progress_bar_for_step_bounded_runs():
     import types
 

@@ -114,6 +114,13 @@ def test_prox_large_lambda_is_2to4_and_zero_lambda_is_identity():
     kept = out != 0
     assert torch.equal(out[kept], z[kept])
     assert torch.equal(prox_2to4(z, 0.0), z)
+    # The count of dense groups the pruner's loop reads, at lam = 0 and at a large lam.
+    import sparsetrain.pruning.prox as px
+
+    z[:8, :4] = torch.tensor([1.0, 0.0, 2.0, 0.0])  # 8 groups with two non-zeros
+    zb = z.reshape(-1, 4).T.contiguous()  # (4, groups): the member-major layout
+    assert px._prox_blocked(zb, 0.0)[1] == 64 * 8 - 8
+    assert px._prox_blocked(zb, 1e4)[1] == 0
 
 
 def _prox_group_loop(z, lam):
@@ -183,6 +190,73 @@ def test_prox_prune_matches_a_plain_proximal_gradient_loop():
     assert res.iterations == it and not res.hit_cap
     assert torch.equal(res.weight != 0, v != 0)
     torch.testing.assert_close(res.weight, v, rtol=1e-9, atol=1e-12)
+
+
+def test_accelerated_prox_prune_matches_a_plain_fista_loop():
+    # With accelerate=True the gradient step starts from V_k + (k - 1) / (k + 2) (V_k - V_{k-1});
+    # written out here in the natural column order with prox_2to4.
+    x, w, _ = _correlated_layer(seed=6, tokens=512, d_in=32, d_out=12)
+    x, w = x.double(), w.double()
+    h = x.T @ x / x.shape[0]
+    d = h.diagonal().sqrt()
+    v0, hn = w * d, h / d[:, None] / d[None, :]
+    res = prox_prune(v0, hn, beta=1.05, accelerate=True)
+    step = 1.0 / lambda_max(hn)
+    v, v_prev, lam, k = v0.clone(), v0.clone(), 0.01, 0
+    while ((v.reshape(12, 8, 4) != 0).sum(-1) > 2).any():
+        y = v + (k - 1) / (k + 2) * (v - v_prev) if k >= 1 else v
+        v_prev, v = v, prox_2to4(y - step * ((y - v0) @ hn), step * lam)
+        k += 1
+        lam *= 1.05
+    assert res.iterations == k and not res.hit_cap
+    assert torch.equal(res.weight != 0, v != 0)
+    torch.testing.assert_close(res.weight, v, rtol=1e-9, atol=1e-12)
+
+
+def test_idle_beta_schedule_matches_a_plain_loop():
+    # lambda grows by idle_beta while every group is dense and once at most 0.2% are, else by beta
+    # (1024 groups here, so the tail starts at 2 dense groups).
+    import sparsetrain.pruning.prox as px
+
+    x, w, _ = _correlated_layer(seed=7, tokens=512, d_in=32, d_out=128)
+    x, w = x.double(), w.double()
+    h = x.T @ x / x.shape[0]
+    d = h.diagonal().sqrt()
+    v0, hn = w * d, h / d[:, None] / d[None, :]
+    res = prox_prune(v0, hn, beta=1.03, accelerate=True, idle_beta=1.2)
+    step = 1.0 / lambda_max(hn)
+    v, v_prev, lam, k, factors = v0.clone(), v0.clone(), 0.01, 0, []
+    while True:
+        y = v + (k - 1) / (k + 2) * (v - v_prev) if k >= 1 else v
+        v_prev, v = v, prox_2to4(y - step * ((y - v0) @ hn), step * lam)
+        k += 1
+        dense = int(((v.reshape(128, 8, 4) != 0).sum(-1) > 2).sum())
+        if dense == 0:
+            break
+        factors.append(1.2 if dense == 1024 or dense <= 1024 * px.IDLE_FRACTION else 1.03)
+        lam *= factors[-1]
+    assert 1.2 in factors[:3] and 1.2 in factors[-3:] and 1.03 in factors  # all three phases ran
+    assert res.iterations == k and not res.hit_cap
+    assert res.final_lambda == pytest.approx(lam, rel=1e-12)
+    assert torch.equal(res.weight != 0, v != 0)
+    torch.testing.assert_close(res.weight, v, rtol=1e-9, atol=1e-12)
+
+
+def test_accelerated_prox_fits_better_than_plain_at_the_same_schedule():
+    # Momentum moves the iterate along the directions where H is small, so at the same lambda
+    # schedule the accelerated pruner ends with a lower local loss after refinement, on every seed
+    # (by 13-17% on these), and also below the paper's plain schedule with 5x the iterations.
+    for seed in range(3):
+        x, w, h = _correlated_layer(seed=seed)
+        d = h.diagonal().sqrt()
+        v0, hn = w * d, h / d[:, None] / d[None, :]
+        losses, iters = {}, {}
+        for name, beta, acc in (("plain", 1.05, False), ("fista", 1.05, True), ("paper", 1.01, False)):
+            res = prox_prune(v0, hn, beta=beta, accelerate=acc)
+            v, _ = refine_masked(res.weight, v0, hn, res.mask, 200)
+            losses[name], iters[name] = float(_loss_from_x(v / d, w, x)), res.iterations
+        assert losses["fista"] < losses["plain"] and losses["fista"] < losses["paper"], (seed, losses)
+        assert iters["fista"] * 3 < iters["paper"], (seed, iters)
 
 
 def test_prox_rejects_bad_input():
@@ -425,6 +499,10 @@ def test_plain_model_fallback_and_errors():
         prune(mlp, [torch.randn(2, 8)], method="obs")
     with pytest.raises(ValueError, match="2:4 regulariser only"):
         prune(mlp, [torch.randn(2, 8)], method="prox", n=1, m=4)
+    with pytest.raises(ValueError, match="`prox_idle_beta` must be None or a finite number > 1, got 0.9"):
+        prune(mlp, [torch.randn(2, 8)], method="prox", prox_idle_beta=0.9)
+    with pytest.raises(ValueError, match="`prox_accelerate` must be True or False, got 'yes'"):
+        prune(mlp, [torch.randn(2, 8)], method="prox", prox_accelerate="yes")
 
 
 def test_cli_end_to_end(tmp_path, capsys):
@@ -473,7 +551,7 @@ def test_prox_compiled_path_matches_the_per_group_loop_in_float32(monkeypatch):
     for lam in (0.05, 0.5, 5.0):
         compiled = prox_2to4(z, lam)
         want = torch.tensor([_prox_group_loop(row.tolist(), lam) for row in z.double()], dtype=torch.float64)
-        for fn in (px._PREPARE, px._FINISH, px._PICK, px._SWEEPS3, px._SWEEPS4):
+        for fn in (px._START, px._END, px._SWEEPS3, px._SWEEPS4):
             monkeypatch.setattr(fn, "disabled", True)
         eager = prox_2to4(z, lam)
         monkeypatch.undo()

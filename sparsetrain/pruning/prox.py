@@ -24,13 +24,14 @@ We evaluate the three candidates and keep the one of least objective (fewest non
 `tests/test_pruning.py` checks the result against a dense multi-start numerical minimisation and
 against a plain per-group loop.
 
-Speed. The pruner runs ~1000-1400 proximal iterations per layer, each a few hundred element-wise
-ops over all groups, so the op count and memory layout set its cost, not the matmul. `prox_prune`
-keeps the weights member-major (member i of every group is one contiguous column block), finds
-the sorted magnitudes with a min/max sorting network and each member's rank with six comparisons
-instead of `torch.sort`, takes the gradient step as one ``addmm`` and reads "every group is 2:4"
-off the contested groups only. Results are bit-identical to the previous sort-based version;
-on one thread of a shared 2-core CPU that made a 384x128 layer ~2x and a 1536x512 one ~2.5x faster.
+Speed. The pruner runs a few hundred proximal iterations per layer (~1100-1300 with the paper's
+schedule, ~250-400 with FISTA steps and the faster idle phases that `prune` uses), each a few
+hundred element-wise ops over all groups plus one ``[in, in] x [in, out]`` product. `prox_prune`
+keeps the weights transposed and member-major (member i of every group is one contiguous block),
+finds the sorted magnitudes with a min/max sorting network and each member's rank with six
+comparisons instead of `torch.sort`, and on large CPU inputs runs the element-wise work as two
+inductor-compiled calls per iteration (`_start`, `_end`): on small layers the per-call overhead
+of a compiled function, not the arithmetic, sets the time.
 """
 
 from __future__ import annotations
@@ -111,9 +112,9 @@ def prox_2to4(z: torch.Tensor, lam: float) -> torch.Tensor:
     lam = _check_lam(lam)
     work = torch.float64 if z.dtype == torch.float64 else torch.float32
     g = group_view(z, 4, "z").to(work).reshape(-1, 4)  # (P, 4): every group as a row
-    zb = g.T.unsqueeze(0)  # (1, 4, P): member-major, the layout `_prox_blocked` works in
+    zb = g.T.contiguous()  # (4, P): member-major, the layout `_prox_blocked` works in
     out, _ = _prox_blocked(zb, lam)
-    return out.squeeze(0).T.reshape(z.shape).to(z.dtype)
+    return out.T.reshape(z.shape).to(z.dtype)
 
 
 def _ranks(a0, a1, a2, a3):
@@ -125,10 +126,10 @@ def _ranks(a0, a1, a2, a3):
     return 3 - c01 - c02 - c03, c01 + 2 - c12 - c13, c02 + c12 + 1 - c23, c03 + c13 + c23
 
 
-def _prepare(z: torch.Tensor, lam: torch.Tensor):
-    """For groups ``z`` laid out ``[B, 4, K]``: the sorted magnitudes ``s0 >= s1 >= s2 >= s3`` (each
-    ``[B, K]``) and which groups are contested (may not take the two-non-zero candidate)."""
-    a0, a1, a2, a3 = z.abs().unbind(1)
+def _prepare(a0, a1, a2, a3, lam: torch.Tensor):
+    """From the magnitudes of each group's members (four flat ``[C]`` tensors): the sorted
+    magnitudes ``s0 >= s1 >= s2 >= s3`` and which groups are contested (may not take the
+    two-non-zero candidate)."""
     # Magnitudes sorted descending by a sorting network of five compare-exchanges (values only;
     # which of two equal values goes first does not matter here).
     hi01, lo01 = torch.maximum(a0, a1), torch.minimum(a0, a1)
@@ -136,11 +137,11 @@ def _prepare(z: torch.Tensor, lam: torch.Tensor):
     s0, mid_hi = torch.maximum(hi01, hi23), torch.minimum(hi01, hi23)
     mid_lo, s3 = torch.maximum(lo01, lo23), torch.minimum(lo01, lo23)
     s1, s2 = torch.maximum(mid_hi, mid_lo), torch.minimum(mid_hi, mid_lo)
-    # Screening. At any fixed point of the coordinate updates in `_solve_contested`, x_i <= a_i,
+    # Screening. At any fixed point of the coordinate updates (`_sweeps3`, `_sweeps4`), x_i <= a_i,
     # hence x_i >= l_i = max(a_i - lam * (products of the other a's), 0). If even those lower
     # bounds force x2 = 0 in the three-candidate and x3 = 0 in the four-candidate, every fixed
     # point of both is the two-candidate, which then wins. Late in the lambda schedule almost
-    # every group is settled this way, so the iterative solve runs on the few contested ones only.
+    # every group is settled this way; only the contested ones decide when the sweeps stop.
     l0 = (s0 - lam * s1 * s2).clamp_min(0)
     l1 = (s1 - lam * s0 * s2).clamp_min(0)
     three_collapses = s2 <= lam * l0 * l1
@@ -151,74 +152,58 @@ def _prepare(z: torch.Tensor, lam: torch.Tensor):
     return s0, s1, s2, s3, ~(three_collapses & four_collapses)
 
 
+def _start(z: torch.Tensor, lam: torch.Tensor, rel_tol: float):
+    """The first half of the prox of groups laid out ``[4, C]``: sorted magnitudes, contested
+    groups, each group's convergence tolerance (relative to its largest magnitude; infinite for the
+    uncontested, whose candidates are discarded) and the first `_START_CHUNKS` chunks of coordinate
+    sweeps of the three- and four-non-zero candidates, started at the sorted magnitudes. ``[C]``
+    outputs."""
+    a0, a1, a2, a3 = z.abs().unbind(0)
+    s0, s1, s2, s3, contested = _prepare(a0, a1, a2, a3, lam)
+    tol = torch.where(contested, rel_tol * s0.clamp_min(torch.finfo(z.dtype).tiny), float("inf"))
+    x0, x1, x2, done3 = _sweeps3(s0, s1, s2, s0, s1, s2, lam, tol)
+    y0, y1, y2, y3, done4 = _sweeps4(s0, s1, s2, s3, s0, s1, s2, s3, lam, tol)
+    for _ in range(_START_CHUNKS - 1):
+        x0, x1, x2, done3 = _sweeps3(s0, s1, s2, x0, x1, x2, lam, tol)
+        y0, y1, y2, y3, done4 = _sweeps4(s0, s1, s2, s3, y0, y1, y2, y3, lam, tol)
+    return s0, s1, s2, s3, contested, tol, x0, x1, x2, done3, y0, y1, y2, y3, done4
+
+
+def _end(z: torch.Tensor, s0, s1, s2, s3, contested, x0, x1, x2, y0, y1, y2, y3, lam):
+    """The second half: per group the best candidate (the two-non-zero one where uncontested), put
+    back in ``z``'s layout and signs; and how many groups kept more than two non-zeros."""
+    b0, b1, b2, b3 = _pick(s0, s1, s2, s3, x0, x1, x2, y0, y1, y2, y3, lam)
+    zero = torch.zeros_like(s0)
+    b0, b1 = torch.where(contested, b0, s0), torch.where(contested, b1, s1)
+    b2, b3 = torch.where(contested, b2, zero), torch.where(contested, b3, zero)
+    return _finish(z, b0, b1, b2, b3), (b2 != 0).sum()
+
+
 def _finish(z: torch.Tensor, b0, b1, b2, b3) -> torch.Tensor:
     """The solution ``b`` (per rank, flat) in ``z``'s layout: member i takes the value of its rank (the solution is
     sorted like the magnitudes) and the sign of ``z_i`` (copysign: sign() is ~40x slower)."""
-    a0, a1, a2, a3 = z.abs().unbind(1)
-    b0, b1, b2, b3 = (b.view(a0.shape) for b in (b0, b1, b2, b3))  # flat [B * K] -> [B, K]
+    a0, a1, a2, a3 = z.abs().unbind(0)
     out = []
-    for r, zk in zip(_ranks(a0, a1, a2, a3), z.unbind(1)):
+    for r, zk in zip(_ranks(a0, a1, a2, a3), z.unbind(0)):
         v = torch.where(r == 0, b0, torch.where(r == 1, b1, torch.where(r == 2, b2, b3)))
         out.append(torch.copysign(v, zk))
-    return torch.stack(out, 1)
-
-
-_PREPARE = Compiled(_prepare, "prox_prune", "several times slower")
-_FINISH = Compiled(_finish, "prox_prune", "several times slower")
-
-
-def _prox_blocked(z: torch.Tensor, lam: float) -> tuple[torch.Tensor, bool]:
-    """The prox of ``lam * R`` for groups laid out member-major: ``z`` is ``[B, 4, K]`` and the group
-    ``(b, k)`` is ``z[b, :, k]``.
-
-    This layout makes each group member a contiguous block, so every step below is one vectorised
-    op over all groups (in a ``[P, 4]`` layout they are stride-4 accesses, and `torch.sort` of rows
-    of 4 costs more than all the arithmetic). Instead of sorting, a sorting network of min/max ops
-    gives the sorted magnitudes, and each member's rank in its group sends the solution back. On
-    large CPU inputs the element-wise parts (`_prepare`, `_finish`, the sweeps) run compiled.
-
-    Returns:
-        ``(prox, sparse)``: the prox in the layout and dtype of ``z``, and whether every group of
-        it has at most two non-zeros.
-    """
-    big = z.device.type == "cpu" and z.numel() >= 4 * _COMPILE_MIN_GROUPS
-    lam_t = torch.tensor(lam, dtype=z.dtype, device=z.device)
-    prepared = _PREPARE(z, lam_t) if big else None
-    s0, s1, s2, s3, contested = prepared if prepared is not None else _prepare(z, lam_t)
-    if lam == 0.0:
-        return z.clone(), bool((s2 == 0).all())
-    s = (s0, s1, s2, s3)
-    n_contested = int(contested.sum())
-    sparse = True
-    # `best`: the solution per rank, flat ([B * K] each, never views, so that the compiled
-    # `_finish` sees the same kind of input from both branches).
-    if n_contested == contested.numel():  # early in the schedule: every group, no gather needed
-        best = _solve_contested(list(s), lam_t, z.dtype)
-        sparse = not bool((best[2] != 0).any())
-    else:
-        # The two-non-zero candidate (R = 0) everywhere, then the contested groups' solutions.
-        best = [s0.reshape(-1).clone(), s1.reshape(-1).clone(), s0.new_zeros(s0.numel()), s0.new_zeros(s0.numel())]
-        if n_contested > 0:
-            idx = contested.view(-1).nonzero().squeeze(1)  # (C,)
-            sol = _solve_contested([t.reshape(-1).index_select(0, idx) for t in s], lam_t, z.dtype)
-            for b, x in zip(best, sol):
-                b.index_copy_(0, idx, x)
-            sparse = not bool((sol[2] != 0).any())
-    finished = _FINISH(z, *best) if big else None
-    return (finished if finished is not None else _finish(z, *best)), sparse
+    return torch.stack(out, 0)
 
 
 # Sweeps run in chunks of this many between convergence checks: a sweep past convergence only
 # moves the iterate closer to the same fixed point, and a chunk is one fused loop when compiled.
 _CHUNK = 4
-# Below this many contested groups the sweeps run eagerly: a compiled call costs ~50 us of guard
-# and launch overhead, and 0 or 1 would make dynamo specialise the shape and compile again.
+# Below this many groups everything runs eagerly: a compiled call costs ~50 us of guard and
+# launch overhead, and 0 or 1 would make dynamo specialise the shape and compile again.
 _COMPILE_MIN_GROUPS = 256
+# Chunks that `_start` runs before the first convergence check: most contested groups converge
+# within 4-8 sweeps, and a further compiled call costs more than 4 sweeps of every group.
+_START_CHUNKS = 2
 
 
 def _sweeps3(a0, a1, a2, x0, x1, x2, lam, tol):
     """``_CHUNK`` sweeps of exact cyclic coordinate minimisation of the three-non-zero candidate;
-    returns the iterate and whether the last sweep moved every group by at most ``tol``."""
+    returns the iterate and whether the last sweep moved every group by at most its ``tol``."""
     for _ in range(_CHUNK):
         p0, p1, p2 = x0, x1, x2
         x0 = (a0 - lam * x1 * x2).clamp_min(0)
@@ -241,46 +226,6 @@ def _sweeps4(a0, a1, a2, a3, y0, y1, y2, y3, lam, tol):
     return y0, y1, y2, y3, (change <= tol).all()
 
 
-_SWEEPS3 = Compiled(_sweeps3, "prox_prune", "several times slower")
-_SWEEPS4 = Compiled(_sweeps4, "prox_prune", "several times slower")
-
-
-def _run_sweeps(sweeps, compiled, a, x, lam_t, tol, max_sweeps):
-    """Chunks of ``sweeps`` from ``x`` until the last sweep of a chunk moved no group by more than
-    ``tol`` or ``max_sweeps`` (rounded up to a whole chunk) have run; compiled on large CPU inputs."""
-    use = compiled if a[0].device.type == "cpu" and a[0].numel() >= _COMPILE_MIN_GROUPS else None
-    # One compiled graph for every call: flat inputs (see `_solve_contested`), a start that does
-    # not alias `a`, and lam as a 0-d tensor (a Python float would recompile per lam).
-    x = [t.clone() for t in x]
-    for _ in range(-(-max_sweeps // _CHUNK)):
-        out = use(*a, *x, lam_t, tol) if use is not None else None
-        if out is None:
-            out = sweeps(*a, *x, lam_t, tol)
-        *x, converged = out
-        if bool(converged):
-            break
-    return x
-
-
-def _solve_contested(a: list[torch.Tensor], lam_t: torch.Tensor, work: torch.dtype) -> list[torch.Tensor]:
-    """The prox of sorted magnitudes ``a[0] >= a[1] >= a[2] >= a[3]`` (four ``[C]`` tensors, one per
-    rank): the best of the 2-, 3- and 4-non-zero candidates, the latter two by exact cyclic
-    coordinate minimisation started at ``a``. Returns the four solution tensors, one per rank,
-    flattened to ``[C]``."""
-    # Flat [C] inputs and outputs, so that every compiled step sees one rank (the all-contested case passes
-    # [B, K]; a view of a 2-D tensor would also be guarded through its base: copy those).
-    a = [t if t.dim() == 1 else t.reshape(-1).clone() for t in a]
-    scale = a[0].clamp_min(torch.finfo(work).tiny)
-    rel_tol, max_sweeps = _PROX_SWEEPS[work]
-    tol = rel_tol * scale
-
-    # Candidates with three non-zeros (the three largest) and with four (lam_t: 0-d, `a`'s dtype).
-    x = _run_sweeps(_sweeps3, _SWEEPS3, a[:3], a[:3], lam_t, tol, max_sweeps)
-    y = _run_sweeps(_sweeps4, _SWEEPS4, a, a, lam_t, tol, max_sweeps)
-    picked = _PICK(*a, *x, *y, lam_t) if a[0].device.type == "cpu" and a[0].numel() >= _COMPILE_MIN_GROUPS else None
-    return list(picked if picked is not None else _pick(*a, *x, *y, lam_t))
-
-
 def _pick(a0, a1, a2, a3, x0, x1, x2, y0, y1, y2, y3, lam):
     """The candidate of least objective per group: two non-zeros ``(a0, a1)``, three ``x`` or four
     ``y``; the fewest non-zeros wins ties (strict comparisons, 2 first)."""
@@ -295,7 +240,60 @@ def _pick(a0, a1, a2, a3, x0, x1, x2, y0, y1, y2, y3, lam):
                  for w2, w3, w4 in ((a0, x0, y0), (a1, x1, y1), (zero, x2, y2), (zero, zero, y3)))
 
 
-_PICK = Compiled(_pick, "prox_prune", "several times slower")
+_START = Compiled(_start, "prox_prune", "several times slower")
+_END = Compiled(_end, "prox_prune", "several times slower")
+_SWEEPS3 = Compiled(_sweeps3, "prox_prune", "several times slower")
+_SWEEPS4 = Compiled(_sweeps4, "prox_prune", "several times slower")
+
+
+def _call(compiled: Compiled, fn, use: bool, *args):
+    """``compiled(*args)`` where ``use`` and compilation works here, else ``fn(*args)``."""
+    out = compiled(*args) if use else None
+    return out if out is not None else fn(*args)
+
+
+def _prox_blocked(z: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
+    """The prox of ``lam * R`` for groups laid out member-major: ``z`` is ``[4, C]`` and group ``c``
+    is ``z[:, c]``.
+
+    This layout makes each group member a contiguous block, so every step below is one vectorised
+    op over all groups (in a ``[P, 4]`` layout they are stride-4 accesses, and `torch.sort` of rows
+    of 4 costs more than all the arithmetic). Instead of sorting, a sorting network of min/max ops
+    gives the sorted magnitudes, and each member's rank in its group sends the solution back.
+
+    Every group is swept, contested or not: gathering the contested ones out and scattering their
+    solutions back cost more than sweeping the rest. Only the contested ones decide when the sweeps
+    stop (the others' tolerance is infinite) and the uncontested take the two-non-zero candidate.
+    On large CPU inputs this is two compiled calls (`_start`, `_end`), plus one per extra chunk of
+    sweeps for the slow groups; the dynamo guard of each call costs more than its arithmetic on a
+    small layer, so the number of calls sets the speed.
+
+    Returns:
+        ``(prox, dense)``: the prox in the layout and dtype of ``z``, and the number of its groups
+        with more than two non-zeros.
+    """
+    if lam == 0.0:
+        return z.clone(), int(((z != 0).sum(0) > 2).sum())
+    with torch.no_grad():  # one grad mode for every caller: a compiled function recompiles on a change
+        return _prox_blocked_impl(z, lam)
+
+
+def _prox_blocked_impl(z: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
+    big = z.device.type == "cpu" and z.numel() >= 4 * _COMPILE_MIN_GROUPS
+    lam_t = torch.tensor(lam, dtype=z.dtype, device=z.device)  # 0-d: a float would recompile per lam
+    rel_tol, max_sweeps = _PROX_SWEEPS[torch.float64 if z.dtype == torch.float64 else torch.float32]
+    s0, s1, s2, s3, contested, tol, x0, x1, x2, done3, y0, y1, y2, y3, done4 = _call(_START, _start, big, z, lam_t, rel_tol)
+    chunks = max(-(-max_sweeps // _CHUNK) - _START_CHUNKS, 0)  # the first ones ran in `_start`
+    for _ in range(chunks):
+        if bool(done3):
+            break
+        x0, x1, x2, done3 = _call(_SWEEPS3, _sweeps3, big, s0, s1, s2, x0, x1, x2, lam_t, tol)
+    for _ in range(chunks):
+        if bool(done4):
+            break
+        y0, y1, y2, y3, done4 = _call(_SWEEPS4, _sweeps4, big, s0, s1, s2, s3, y0, y1, y2, y3, lam_t, tol)
+    out, dense = _call(_END, _end, big, z, s0, s1, s2, s3, contested, x0, x1, x2, y0, y1, y2, y3, lam_t)
+    return out, int(dense)
 
 
 def lambda_max(h: torch.Tensor, iters: int = 50, margin: float = 1.05) -> float:
@@ -339,6 +337,10 @@ class ProxResult:
     final_lambda: float
 
 
+# `prox_prune`'s ``idle_beta`` applies once at most this fraction of the groups is still dense.
+IDLE_FRACTION = 0.01
+
+
 def _count_dense_groups(v: torch.Tensor) -> int:
     """Number of groups of 4 with more than two non-zeros."""
     return int(((group_view(v, 4) != 0).sum(-1) > 2).sum())
@@ -351,6 +353,8 @@ def prox_prune(
     beta: float = 1.01,
     max_iters: int = 3000,
     step: Optional[float] = None,
+    accelerate: bool = False,
+    idle_beta: Optional[float] = None,
 ) -> ProxResult:
     """Proximal gradient on ``0.5 tr((V - V0) H (V - V0)^T) + lam_k R(V)`` until every group is 2:4.
 
@@ -362,12 +366,29 @@ def prox_prune(
     result is 2:4. If ``max_iters`` is reached first, the iterate is projected onto 2:4 (the two
     largest magnitudes of each group) and ``hit_cap`` is set.
 
+    With ``accelerate`` the gradient step is taken from the extrapolated point
+    ``V_k + (k - 1) / (k + 2) * (V_k - V_{k-1})`` (FISTA's momentum; the paper takes it from
+    ``V_k``). The plain step moves slowly along the directions where ``H`` is small, which are the
+    ones the regulariser can use for free; momentum moves along them ~sqrt(condition) times
+    faster. On the layers of `benchmarks/prune_quality.py` that lowered the refined local loss by
+    10-20% while lambda grows 3-5x faster (``beta`` 1.03-1.05 instead of 1.01).
+
+    ``idle_beta`` (``None``: ``beta`` throughout) is lambda's growth while the prox decides
+    nothing: as long as every group still has more than two non-zeros (at the paper's
+    ``lambda0`` the first ~30% of the iterations) and once at most `IDLE_FRACTION` of them
+    still do (the last few groups can take another ~10%). On the layers of the pruning
+    benchmark, with ``accelerate``: ``beta=1.03, idle_beta=1.2`` ran ~half the iterations of
+    ``beta=1.03`` alone at a refined local loss 4-8% higher; ``beta=1.02, idle_beta=1.2`` (what
+    `prune` uses) about as many as ``beta=1.03, idle_beta=1.1`` at a 3-4% lower loss.
+
     Args:
         v0: dense weights ``[out, in]``, ``in`` a multiple of 4.
         h: ``[in, in]`` symmetric positive semi-definite input Gram matrix.
         lambda0, beta: the geometric schedule of the regularisation strength.
         max_iters: iteration cap.
         step: gradient step size; ``None`` uses ``1 / lambda_max(h)``.
+        accelerate: FISTA momentum (see above); ``False`` is the paper's plain proximal gradient.
+        idle_beta: lambda's growth outside the phase where groups are decided (see above).
 
     Returns:
         A `ProxResult`; ``mask`` keeps exactly two entries per group (the non-zeros of ``weight``
@@ -384,25 +405,38 @@ def prox_prune(
         step = 1.0 / max(lambda_max(h), 1e-12)
     out_f, in_f = v0.shape
     groups = in_f // 4
-    # Member-major layout: column 4g + i of V moves to i * G + g, so member i of every group is the
-    # contiguous block V[:, i*G:(i+1)*G] and the prox needs no reshuffle. H is permuted alike,
-    # which leaves the gradient (V - V0) H one matrix product.
+    # Member-major layout, transposed: column 4g + i of V becomes row i * G + g of V^T ([in, out]),
+    # so member i of every group is the contiguous block V^T[i*G:(i+1)*G] and the prox reads
+    # V^T as [4, G * out] with no reshuffle. H is permuted alike (and is symmetric), which leaves
+    # the gradient H (V - V0)^T one matrix product.
     perm = torch.arange(in_f, device=v0.device).view(groups, 4).T.reshape(-1)
-    vb0 = v0[:, perm].contiguous()  # (out, in), member-major
+    vb0 = v0[:, perm].T.contiguous()  # (in, out), member-major rows
     hb = h[perm][:, perm].contiguous()
     v = vb0.clone()
     lam = float(lambda0)
     it = 0
-    done = _count_dense_groups(v0) == 0
+    n_dense = _count_dense_groups(v0)
+    done = n_dense == 0
+    total = out_f * groups
+    v_prev = v
+    # The prox's input, [4, G * out]: written by the matmul through a view, but itself not a view
+    # (a compiled function guards a view through its base's shape, and would recompile per layer
+    # shape instead of once).
+    z = torch.empty(4, groups * out_f, dtype=v0.dtype, device=v0.device)
     while not done and it < max_iters:
-        # z = V - step * (V - V0) H: a gradient step on the local loss, in one addmm.
-        z = torch.addmm(v, v - vb0, hb, alpha=-step)
-        v, done = _prox_blocked(z.view(out_f, 4, groups), step * lam)
-        v = v.view(out_f, in_f)
+        # The point the gradient step starts from: V_k, or FISTA's extrapolation of it.
+        y = torch.add(v, v - v_prev, alpha=(it - 1) / (it + 2)) if accelerate and it >= 2 else v
+        # z = Y - step * H (Y - V0): a gradient step on the local loss (transposed), in one addmm.
+        torch.addmm(y, hb, y - vb0, alpha=-step, out=z.view(in_f, out_f))
+        v_prev = v
+        v, n_dense = _prox_blocked(z, step * lam)
+        v = v.view(in_f, out_f)
+        done = n_dense == 0
         it += 1
         if not done:
-            lam *= beta
-    v = torch.empty_like(v).index_copy_(1, perm, v)  # back to the natural column order
+            idle = idle_beta is not None and (n_dense == total or n_dense <= IDLE_FRACTION * total)
+            lam *= idle_beta if idle else beta
+    v = torch.empty_like(v0).index_copy_(1, perm, v.T)  # back to [out, in] in the natural column order
     hit_cap = not done
     if hit_cap:
         v = project_nm(v, 2, 4)

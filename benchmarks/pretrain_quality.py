@@ -257,6 +257,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     curves = {(r["method"], r["seed"]): dict(map(tuple, r["val_curve"])) for r in runs}
     rows_run = {r["method"] for r in runs}
     fig, ax = plt.subplots(figsize=(9, 5.5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # more rows than the default 10 colours
     for row in [*ROWS, *sorted(rows_run - set(ROWS))]:
         # against dense at the row's lr where that was run (as in `summarise`)
         suffix = row[row.rfind("-lr"):] if "-lr" in row else ""

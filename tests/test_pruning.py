@@ -172,70 +172,45 @@ def test_prox_ties_keep_the_lower_index():
     assert torch.equal(out, want)
 
 
-def test_prox_prune_matches_a_plain_proximal_gradient_loop():
-    # prox_prune works in a permuted (member-major) column order with a fused gradient step; a plain
-    # loop in the natural order with prox_2to4 must give the same iterates, mask and count.
-    x, w, _ = _correlated_layer(seed=5, tokens=512, d_in=32, d_out=12)
-    x, w = x.double(), w.double()
-    h = x.T @ x / x.shape[0]
-    d = h.diagonal().sqrt()
-    v0, hn = w * d, h / d[:, None] / d[None, :]
-    res = prox_prune(v0, hn, beta=1.05)
-    step = 1.0 / lambda_max(hn)
-    v, lam, it = v0.clone(), 0.01, 0
-    while ((v.reshape(12, 8, 4) != 0).sum(-1) > 2).any():
-        v = prox_2to4(v - step * ((v - v0) @ hn), step * lam)
-        it += 1
-        lam *= 1.05
-    assert res.iterations == it and not res.hit_cap
-    assert torch.equal(res.weight != 0, v != 0)
-    torch.testing.assert_close(res.weight, v, rtol=1e-9, atol=1e-12)
-
-
-def test_accelerated_prox_prune_matches_a_plain_fista_loop():
-    # With accelerate=True the gradient step starts from V_k + (k - 1) / (k + 2) (V_k - V_{k-1});
-    # written out here in the natural column order with prox_2to4.
-    x, w, _ = _correlated_layer(seed=6, tokens=512, d_in=32, d_out=12)
-    x, w = x.double(), w.double()
-    h = x.T @ x / x.shape[0]
-    d = h.diagonal().sqrt()
-    v0, hn = w * d, h / d[:, None] / d[None, :]
-    res = prox_prune(v0, hn, beta=1.05, accelerate=True)
-    step = 1.0 / lambda_max(hn)
-    v, v_prev, lam, k = v0.clone(), v0.clone(), 0.01, 0
-    while ((v.reshape(12, 8, 4) != 0).sum(-1) > 2).any():
-        y = v + (k - 1) / (k + 2) * (v - v_prev) if k >= 1 else v
-        v_prev, v = v, prox_2to4(y - step * ((y - v0) @ hn), step * lam)
-        k += 1
-        lam *= 1.05
-    assert res.iterations == k and not res.hit_cap
-    assert torch.equal(res.weight != 0, v != 0)
-    torch.testing.assert_close(res.weight, v, rtol=1e-9, atol=1e-12)
-
-
-def test_idle_beta_schedule_matches_a_plain_loop():
-    # lambda grows by idle_beta while every group is dense and once at most 0.2% are, else by beta
-    # (1024 groups here, so the tail starts at 2 dense groups).
+def _prox_loop(v0, hn, beta, accelerate=False, idle_beta=None):
+    """The pruner written out plainly: natural column order, `prox_2to4`, FISTA's extrapolation
+    and the lambda schedule by hand. Returns the weights, iterations, final lambda and the growth
+    factor applied after each iteration."""
     import sparsetrain.pruning.prox as px
 
-    x, w, _ = _correlated_layer(seed=7, tokens=512, d_in=32, d_out=128)
-    x, w = x.double(), w.double()
-    h = x.T @ x / x.shape[0]
-    d = h.diagonal().sqrt()
-    v0, hn = w * d, h / d[:, None] / d[None, :]
-    res = prox_prune(v0, hn, beta=1.03, accelerate=True, idle_beta=1.2)
+    out_f, in_f = v0.shape
+    groups = out_f * in_f // 4
     step = 1.0 / lambda_max(hn)
     v, v_prev, lam, k, factors = v0.clone(), v0.clone(), 0.01, 0, []
     while True:
-        y = v + (k - 1) / (k + 2) * (v - v_prev) if k >= 1 else v
+        y = v + (k - 1) / (k + 2) * (v - v_prev) if accelerate and k >= 1 else v
         v_prev, v = v, prox_2to4(y - step * ((y - v0) @ hn), step * lam)
         k += 1
-        dense = int(((v.reshape(128, 8, 4) != 0).sum(-1) > 2).sum())
+        dense = int(((v.reshape(out_f, -1, 4) != 0).sum(-1) > 2).sum())
         if dense == 0:
-            break
-        factors.append(1.2 if dense == 1024 or dense <= 1024 * px.IDLE_FRACTION else 1.03)
+            return v, k, lam, factors
+        idle = idle_beta is not None and (dense == groups or dense <= groups * px.IDLE_FRACTION)
+        factors.append(idle_beta if idle else beta)
         lam *= factors[-1]
-    assert 1.2 in factors[:3] and 1.2 in factors[-3:] and 1.03 in factors  # all three phases ran
+
+
+@pytest.mark.parametrize("seed, d_out, beta, accelerate, idle_beta", [
+    (5, 12, 1.05, False, None),  # the paper's plain proximal gradient
+    (6, 12, 1.05, True, None),  # FISTA: the step starts from V_k + (k - 1) / (k + 2) (V_k - V_{k-1})
+    (7, 128, 1.03, True, 1.2),  # lambda x1.2 while every group is dense and once few are (1024 groups)
+])
+def test_prox_prune_matches_a_plain_loop(seed, d_out, beta, accelerate, idle_beta):
+    # prox_prune works in a permuted, transposed (member-major) layout with a fused gradient step;
+    # the plain loop must give the same iterates, mask, iteration count and final lambda.
+    x, w, _ = _correlated_layer(seed=seed, tokens=512, d_in=32, d_out=d_out)
+    x, w = x.double(), w.double()
+    h = x.T @ x / x.shape[0]
+    d = h.diagonal().sqrt()
+    v0, hn = w * d, h / d[:, None] / d[None, :]
+    res = prox_prune(v0, hn, beta=beta, accelerate=accelerate, idle_beta=idle_beta)
+    v, k, lam, factors = _prox_loop(v0, hn, beta, accelerate, idle_beta)
+    if idle_beta is not None:  # all three phases ran
+        assert idle_beta in factors[:3] and idle_beta in factors[-3:] and beta in factors
     assert res.iterations == k and not res.hit_cap
     assert res.final_lambda == pytest.approx(lam, rel=1e-12)
     assert torch.equal(res.weight != 0, v != 0)

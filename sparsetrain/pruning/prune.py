@@ -279,7 +279,7 @@ def prune(
         lambda0, beta, max_prox_iters, prox_accelerate, prox_idle_beta: the prox schedule
             (see `prox_prune`). The defaults take FISTA-accelerated steps with lambda growing by
             1.025 per step (1.2 while no group is being decided); the paper's schedule is
-            ``beta=1.01, prox_accelerate=False, prox_idle_beta=None``, with ~3x the iterations
+            ``beta=1.01, prox_accelerate=False, prox_idle_beta=None``, with ~4x the iterations
             and a higher perplexity on `benchmarks/prune_quality.py`.
         damp: SparseGPT's damping, a fraction of the mean diagonal of ``H``.
         block_size: SparseGPT's lazy-update block width in columns.

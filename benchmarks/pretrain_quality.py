@@ -187,6 +187,16 @@ def _t975(df: int) -> float:
     return float(t.ppf(0.975, df))
 
 
+def _references(row: str, present) -> tuple[str, str]:
+    """The dense and STE rows ``row`` is measured against: a row run at another learning rate
+    (``<row>-lr4e-3``) against ``dense-lr4e-3`` and ``ste-lr4e-3`` when both are in ``present``
+    (a gain the lr gives dense as well is not the method's), else ``dense`` and ``ste``."""
+    suffix = row[row.rfind("-lr"):] if "-lr" in row else ""
+    if suffix and "dense" + suffix in present and "ste" + suffix in present:
+        return "dense" + suffix, "ste" + suffix
+    return "dense", "ste"
+
+
 def summarise(runs: list[dict]) -> dict:
     """Per row: mean and spread over seeds, gap to dense, fraction of STE's gap closed (of the means
     over the seeds shared with dense and STE, and per seed against the dense and STE runs of the
@@ -210,11 +220,7 @@ def summarise(runs: list[dict]) -> dict:
         }
     for row, entry in table.items():
         mine = by_row[row]
-        # A row run at another learning rate ("<row>-lr4e-3") is compared with the dense and STE
-        # rows of that lr when they exist: a gain the lr gives dense as well is not the method's.
-        suffix = row[row.rfind("-lr"):] if "-lr" in row else ""
-        ref_dense, ref_ste = ("dense" + suffix, "ste" + suffix) if suffix and "dense" + suffix in table \
-            and "ste" + suffix in table else ("dense", "ste")
+        ref_dense, ref_ste = _references(row, table)
         entry["compared_with"] = [ref_dense, ref_ste]
         dense, ste = by_row.get(ref_dense, {}), by_row.get(ref_ste, {})
         if ref_dense in table:
@@ -259,9 +265,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # more rows than the default 10 colours
     for row in [*ROWS, *sorted(rows_run - set(ROWS))]:
-        # against dense at the row's lr where that was run (as in `summarise`)
-        suffix = row[row.rfind("-lr"):] if "-lr" in row else ""
-        ref = "dense" + suffix if suffix and "dense" + suffix in rows_run else "dense"
+        ref = _references(row, rows_run)[0]  # as in `summarise`
         dense = {seed: c for (m, seed), c in curves.items() if m == ref}
         mine = [r for r in runs if r["method"] == row and r["seed"] in dense]
         if not mine or row == ref:

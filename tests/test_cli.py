@@ -226,15 +226,21 @@ def test_every_recipe_parses(recipe, capsys):
     assert "sparsity:" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_quality_benchmark_runs(tmp_path):
-    # The full table takes ~30 CPU-minutes: `python benchmarks/pretrain_quality.py`. This only checks it runs.
+def _quality_benchmark():
+    """`benchmarks/pretrain_quality.py` as a module (benchmarks/ is not a package)."""
     import importlib.util
 
     path = Path(RECIPE).parents[1] / "benchmarks" / "pretrain_quality.py"
     spec = importlib.util.spec_from_file_location("pretrain_quality", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_quality_benchmark_runs(tmp_path):
+    # The full table takes ~30 CPU-minutes: `python benchmarks/pretrain_quality.py`. This only checks it runs.
+    bench = _quality_benchmark()
     assert bench.main(["--steps", "4", "--val-every", "2", "--seeds", "1", "--methods", "dense", "s-ste",
                        "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "pretrain_quality.json").read_text())
@@ -244,12 +250,7 @@ def test_quality_benchmark_runs(tmp_path):
 def test_quality_benchmark_merges_jobs_run_side_by_side(tmp_path, monkeypatch):
     # Two jobs of one setup write the same JSON: what the other job wrote while this one trained is
     # kept, a run of another setup is dropped, and this job's runs replace its own earlier ones.
-    import importlib.util
-
-    path = Path(RECIPE).parents[1] / "benchmarks" / "pretrain_quality.py"
-    spec = importlib.util.spec_from_file_location("pretrain_quality_merge", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _quality_benchmark()
     out = tmp_path / "pretrain_quality.json"
     settings = ["model.n_embd=64"]
 
@@ -276,12 +277,7 @@ def test_quality_benchmark_merges_jobs_run_side_by_side(tmp_path, monkeypatch):
 
 
 def test_quality_table_statistics_by_hand():
-    import importlib.util
-
-    path = Path(RECIPE).parents[1] / "benchmarks" / "pretrain_quality.py"
-    spec = importlib.util.spec_from_file_location("pretrain_quality_stats", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _quality_benchmark()
     losses = {("dense", 1): 1.0, ("dense", 2): 1.2, ("ste", 1): 1.5, ("ste", 2): 1.6, ("ste", 3): 2.0,
               ("s-ste", 1): 1.25, ("s-ste", 2): 1.3,
               ("dense-lr4e-3", 1): 0.9, ("dense-lr4e-3", 2): 1.0, ("ste-lr4e-3", 1): 1.3, ("ste-lr4e-3", 2): 1.4,

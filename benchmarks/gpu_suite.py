@@ -391,7 +391,7 @@ def probe_kernels(device: str) -> list:
     rows = []
     for method in ("ste", "s-ste"):
         beta = ops.sste_scale(w, 2, 4) if method == "s-ste" else None
-        w_eff, mask = kernels.project_weight(w, 2, 4, method, beta)
+        w_eff, mask = kernels.project_weight(w, 2, 4, "soft" if method == "s-ste" else "hard", beta)
         ref = ops.project_nm(w, 2, 4) if method == "ste" else (beta * ops.soft_threshold(w.float(), 2, 4)).to(dtype)
         rows.append({"probe": f"triton_project_{method}", "mode": nm_project._nm_project.last_mode,
                      "ok": bool(torch.equal(mask, ops.nm_mask(w, 2, 4)) and torch.equal(w_eff, ref)),
@@ -677,8 +677,8 @@ def kernel_cases(w: torch.Tensor, gen: torch.Generator) -> dict:
     score = w.abs()
     return {
         # read w; write w_eff and a 1-byte mask
-        "project_ste": (lambda: kernels.project_weight(w, 2, 4, "ste"), n * es, n * (es + 1)),
-        "project_sste": (lambda: kernels.project_weight(w, 2, 4, "s-ste", beta), n * es, n * (es + 1)),
+        "project_ste": (lambda: kernels.project_weight(w, 2, 4, "hard"), n * es, n * (es + 1)),
+        "project_sste": (lambda: kernels.project_weight(w, 2, 4, "soft", beta), n * es, n * (es + 1)),
         # read g; write the 2:4 estimate
         "mvue_exact_dim0": (lambda: kernels.mvue24(w, 0, "exact", gen), n * es, n * es),
         "mvue_approx_dim0": (lambda: kernels.mvue24(w, 0, "approx", gen), n * es, n * es),

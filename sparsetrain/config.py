@@ -6,10 +6,14 @@ import dataclasses
 import math
 from typing import Callable, Optional, Union
 
+from .ops.mvue import MVUE_CHOICES
+from .ops.nm import check_nm, fmt_choices as _fmt_choices  # the math layer owns both; config re-exports them
+from .ops.transposable import TRANSPOSABLE_METHODS
+
 METHODS = ("dense", "ste", "sr-ste", "s-ste")
-# The one definition of each set of choices: `ops.mvue.MVUE_CHOICES` and
-# `backends.BACKEND_CHOICES` are these (config imports nothing from the package, so both can).
-MVUE_METHODS = (None, "exact", "approx")
+# The one definition of each set of choices (`backends.BACKEND_CHOICES` is BACKENDS; the math's
+# own choices, MVUE estimators and transposable solvers, are defined in ops/ and read here).
+MVUE_METHODS = (None, *MVUE_CHOICES)
 BACKENDS = ("auto", "dense", "cusparselt")
 NONFINITE_ACTIONS = ("raise", "skip")
 TARGET_PRESETS = ("mlp", "all")  # named `targets`; anything else is a regex or a callable
@@ -19,20 +23,6 @@ PRUNE_METHODS = ("magnitude", "wanda")
 # A target filter receives the module and its qualified name, like torchao's `module_filter_fn`.
 TargetFilter = Callable[["object", str], bool]
 
-
-def _fmt_choices(choices) -> str:
-    return ", ".join(repr(c) for c in choices)
-
-
-def check_nm(n: int, m: int) -> None:
-    """Raise a `ValueError` unless ``0 < n < m`` are integers."""
-    for name, value in (("n", n), ("m", m)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__})")
-    if m < 2:
-        raise ValueError(f"`m` must be at least 2, got m={m}")
-    if not 0 < n < m:
-        raise ValueError(f"`n` must satisfy 0 < n < m, got n={n}, m={m}")
 
 
 def _check_step_or_fraction(name: str, value, minimum: int = 0) -> None:
@@ -152,8 +142,6 @@ class SparsityConfig:
         if isinstance(self.mask_update_interval, bool) or not isinstance(self.mask_update_interval, int) \
                 or self.mask_update_interval < 1:
             raise ValueError(f"`mask_update_interval` must be an int >= 1, got {self.mask_update_interval!r}")
-        from .ops.transposable import TRANSPOSABLE_METHODS  # ops import config: import here
-
         if self.transposable_method not in TRANSPOSABLE_METHODS:
             raise ValueError(
                 f"Unknown `transposable_method`={self.transposable_method!r}; "

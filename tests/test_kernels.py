@@ -50,7 +50,7 @@ def _weight(shape, dtype, device="cpu", seed=0):
 @pytest.mark.parametrize("shape,n,m", SHAPE_NM)
 def test_project_hard_bit_exact(device, dtype, shape, n, m):
     w = _weight(shape, dtype, device)
-    for method in ("ste", "sr-ste"):
+    for method in ("hard",):
         w_eff, mask = kernels.project_weight(w, n, m, method)
         assert mask.dtype == torch.bool and w_eff.dtype == dtype
         assert torch.equal(mask, ops.nm_mask(w, n, m))
@@ -63,7 +63,7 @@ def test_project_hard_bit_exact(device, dtype, shape, n, m):
 def test_project_soft_bit_exact(device, dtype, shape, n, m):
     w = _weight(shape, dtype, device, seed=1)
     beta = ops.sste_scale(w, n, m)
-    w_eff, mask = kernels.project_weight(w, n, m, "s-ste", beta)
+    w_eff, mask = kernels.project_weight(w, n, m, "soft", beta)
     ref = (beta * ops.soft_threshold(w.float(), n, m)).to(dtype)
     assert torch.equal(w_eff, ref)
     assert torch.equal(mask, ops.nm_mask(w, n, m))
@@ -72,23 +72,23 @@ def test_project_soft_bit_exact(device, dtype, shape, n, m):
 
 def test_project_3d_and_float_beta():
     w = _weight((2, 5, 8), torch.float32)
-    w_eff, mask = kernels.project_weight(w, 2, 4, "s-ste", 1.5)
+    w_eff, mask = kernels.project_weight(w, 2, 4, "soft", 1.5)
     assert torch.equal(w_eff, (torch.tensor(1.5) * ops.soft_threshold(w, 2, 4)))
     assert torch.equal(mask, ops.nm_mask(w, 2, 4))
 
 
 def test_project_errors():
     w = torch.randn(4, 8)
-    with pytest.raises(ValueError, match="`method`='bad'.*'ste'"):
+    with pytest.raises(ValueError, match="`mode`='bad'.*'hard'"):
         kernels.project_weight(w, 2, 4, "bad")
     with pytest.raises(ValueError, match="`beta` is required"):
-        kernels.project_weight(w, 2, 4, "s-ste")
+        kernels.project_weight(w, 2, 4, "soft")
     with pytest.raises(ValueError, match="multiple of m=3"):
-        kernels.project_weight(w, 1, 3, "ste")
+        kernels.project_weight(w, 1, 3, "hard")
     with pytest.raises(TypeError, match="`weight` must be a floating"):
-        kernels.project_weight(w.int(), 2, 4, "ste")
+        kernels.project_weight(w.int(), 2, 4, "hard")
     with pytest.raises(ValueError, match="`n`"):
-        kernels.project_weight(w, 4, 4, "ste")
+        kernels.project_weight(w, 4, 4, "hard")
 
 
 def test_available_is_cuda_only():
@@ -287,7 +287,7 @@ def test_interpret_flag_without_knobs(monkeypatch):
 def test_kernel_launch_on_cpu_records_interpreted():
     from sparsetrain.kernels import nm_project
 
-    kernels.project_weight(torch.randn(4, 8), 2, 4, "ste")
+    kernels.project_weight(torch.randn(4, 8), 2, 4, "hard")
     assert nm_project._nm_project.last_mode == "interpreted"
 
 
@@ -321,7 +321,7 @@ def test_cuda_project_compiled_bit_exact(cuda_compiled, dtype, shape, n, m):
     w = _weight(shape, dtype, "cuda", seed=12)
     for method in ("ste", "s-ste"):
         beta = ops.sste_scale(w, n, m) if method == "s-ste" else None
-        w_eff, mask = kernels.project_weight(w, n, m, method, beta)
+        w_eff, mask = kernels.project_weight(w, n, m, "soft" if method == "s-ste" else "hard", beta)
         assert _compiled(("nm_project", "_nm_project")) == "compiled"
         ref = ops.project_nm(w, n, m) if method == "ste" else (beta * ops.soft_threshold(w.float(), n, m)).to(dtype)
         assert torch.equal(mask, ops.nm_mask(w, n, m)), method

@@ -37,22 +37,22 @@ def available(t: torch.Tensor) -> bool:
     return _TRITON_OK
 
 
-def project_weight(weight: torch.Tensor, n: int, m: int, method: str, beta=None):
+def project_weight(weight: torch.Tensor, n: int, m: int, mode: str, beta=None):
     """Fused effective weight and mask: ``(w_eff, mask)``.
 
     ``mask`` is ``ops.nm_mask(weight, n, m)``; ``w_eff`` is ``ops.project_nm(weight, n, m)`` for
-    ``method`` ``"ste"``/``"sr-ste"`` and ``(beta * ops.soft_threshold(weight.float(), n, m))
-    .to(weight.dtype)`` for ``"s-ste"`` (bit-exact twins). Not differentiable: the layer wraps it
+    ``mode="hard"`` and ``(beta * ops.soft_threshold(weight.float(), n, m))
+    .to(weight.dtype)`` for ``mode="soft"`` (bit-exact twins). Not differentiable: the layer wraps it
     in its straight-through autograd function.
 
     Example:
-        >>> w_eff, mask = project_weight(torch.tensor([[0.1, -3.0, 2.0, 0.5]]), 2, 4, "ste")
+        >>> w_eff, mask = project_weight(torch.tensor([[0.1, -3.0, 2.0, 0.5]]), 2, 4, "hard")
         >>> w_eff
         tensor([[ 0., -3.,  2.,  0.]])
     """
     from .nm_project import nm_project_forward
 
-    return nm_project_forward(weight, n, m, method, beta)
+    return nm_project_forward(weight, n, m, mode, beta)
 
 
 def mvue24(g: torch.Tensor, dim: int = -1, method: str = "exact", generator=None, *, out=None):

@@ -5,8 +5,8 @@ Twin of `sparsetrain.ops.nm` (``nm_mask``, ``project_nm``, ``soft_threshold``): 
 
 - ``mask`` = ``ops.nm_mask(w, n, m)`` (the ``n`` largest |w|, ties to the lowest index, NaN
   ranked above +inf), bit-equal,
-- hard (``"ste"``/``"sr-ste"``): ``w_eff = ops.project_nm(w, n, m)``,
-- soft (``"s-ste"``): ``w_eff = (beta * ops.soft_threshold(w.float(), n, m)).to(w.dtype)``: the
+- ``"hard"`` (STE, SR-STE): ``w_eff = ops.project_nm(w, n, m)``,
+- ``"soft"`` (S-STE): ``w_eff = (beta * ops.soft_threshold(w.float(), n, m)).to(w.dtype)``: the
   threshold, subtraction and scale run in float32 and round once to the weight dtype.
 
 For S-STE the soft-thresholded entries are a subset of the mask (an entry above the (m-n)-th
@@ -30,8 +30,7 @@ from ._tl_utils import bf16_bits_to_f32, load_view, round_to_bf16_bits, store_vi
 
 __all__ = ["nm_project_forward"]
 
-SOFT_METHODS = ("s-ste",)
-HARD_METHODS = ("ste", "sr-ste")
+MODES = ("hard", "soft")  # the projection a method maps to (see `sparsetrain.methods`)
 
 
 def _nm_project_kernel(
@@ -87,14 +86,14 @@ def _nm_project_kernel(
 _nm_project = DualKernel(_nm_project_kernel)
 
 
-def nm_project_forward(weight: torch.Tensor, n: int, m: int, method: str, beta=None):
+def nm_project_forward(weight: torch.Tensor, n: int, m: int, mode: str, beta=None):
     """Effective weight and N:M mask of ``weight`` in one pass.
 
     Args:
         weight: floating tensor whose last dim is a multiple of ``m``.
         n, m: keep ``n`` of every ``m`` consecutive entries along the last dim.
-        method: ``"ste"``/``"sr-ste"`` (hard projection) or ``"s-ste"`` (scaled soft threshold).
-        beta: S-STE's per-tensor scale (a float or 0-dim tensor); required for ``"s-ste"``, ignored
+        mode: ``"hard"`` (the N:M projection) or ``"soft"`` (the scaled soft threshold).
+        beta: S-STE's per-tensor scale (a float or 0-dim tensor); required for ``"soft"``, ignored
             otherwise. A tensor is read on the device, so no host synchronisation happens.
 
     Returns:
@@ -102,15 +101,15 @@ def nm_project_forward(weight: torch.Tensor, n: int, m: int, method: str, beta=N
 
     Example:
         >>> w = torch.tensor([[0.1, -3.0, 2.0, 0.5]])
-        >>> nm_project_forward(w, 2, 4, "ste")[1]
+        >>> nm_project_forward(w, 2, 4, "hard")[1]
         tensor([[False,  True,  True, False]])
     """
-    from ..config import check_nm
+    from ..ops.nm import check_nm
 
     check_nm(n, m)
-    if method not in SOFT_METHODS + HARD_METHODS:
-        valid = ", ".join(repr(x) for x in HARD_METHODS + SOFT_METHODS)
-        raise ValueError(f"Unknown `method`={method!r} for the projection kernel; valid choices: {valid}")
+    if mode not in MODES:
+        valid = ", ".join(repr(x) for x in MODES)
+        raise ValueError(f"Unknown `mode`={mode!r} for the projection kernel; valid choices: {valid}")
     if not weight.is_floating_point():
         raise TypeError(f"`weight` must be a floating tensor, got dtype {weight.dtype}")
     if weight.dim() == 0 or weight.shape[-1] % m != 0:
@@ -119,10 +118,10 @@ def nm_project_forward(weight: torch.Tensor, n: int, m: int, method: str, beta=N
         )
     if m > 32:
         raise ValueError(f"The projection kernel supports `m` <= 32 (m*m ranks per group in registers), got m={m}")
-    soft = method in SOFT_METHODS
+    soft = mode == "soft"
     if soft:
         if beta is None:
-            raise ValueError("`beta` is required for method='s-ste' (see `ops.sste_scale`)")
+            raise ValueError("`beta` is required for mode='soft' (see `ops.sste_scale`)")
         beta_t = torch.as_tensor(beta, dtype=torch.float32, device=weight.device).reshape(1)
     else:
         beta_t = torch.ones(1, dtype=torch.float32, device=weight.device)  # unread placeholder

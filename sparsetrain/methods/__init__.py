@@ -28,8 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import kernels
-from ..ops.nm import _threshold, group_view, nm_mask, soft_threshold
+from ..ops.nm import _threshold, group_view, project
 
 __all__ = ["effective_weight", "masked_weight", "decay_term", "ramped_soft_threshold"]
 
@@ -78,16 +77,7 @@ def masked_weight(
         s, mask = ramped_soft_threshold(weight.float(), n, m, ramp)
         scale = 1.0 + ramp * (beta - 1.0)
         return (s * scale).to(weight.dtype), mask
-    if kernels.available(weight):
-        return kernels.project_weight(weight, n, m, method, beta)
-    if method == "s-ste":
-        # In float32 whatever the weight dtype, then rounded once: the Triton kernel does the same.
-        s = soft_threshold(weight.float(), n, m)
-        # The mask is nm_mask, as the kernel's: the support of S(W) lies inside it and equals it
-        # except on tied groups, where the support is smaller and would differ from the GPU's.
-        return (s * beta).to(weight.dtype), (nm_mask(weight, n, m) if need_mask else None)
-    mask = nm_mask(weight, n, m)
-    return weight * mask, mask
+    return project(weight, n, m, "soft" if method == "s-ste" else "hard", beta, need_mask=need_mask)
 
 
 def decay_term(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

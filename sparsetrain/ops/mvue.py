@@ -35,9 +35,9 @@ import torch
 __all__ = ["mvue24", "mvue24_probabilities", "MVUE_CHOICES"]
 
 from .._compiled import Compiled
-from ..config import MVUE_METHODS, _fmt_choices
+from .nm import fmt_choices as _fmt_choices
 
-MVUE_CHOICES = tuple(x for x in MVUE_METHODS if x is not None)  # what an estimator call takes
+MVUE_CHOICES = ("exact", "approx")  # the estimators; `SparsityConfig.mvue` adds None (exact gradients)
 # Added to |g| by the approximate estimator so that every entry has a positive probability of
 # being drawn second; small enough to vanish next to any float32 gradient that is not ~0.
 # kernels/mvue.py repeats the literal (a Triton kernel cannot read a Python global).

@@ -26,9 +26,29 @@ from __future__ import annotations
 
 import torch
 
-from ..config import check_nm
+__all__ = [
+    "nm_mask", "project_nm", "soft_threshold", "sste_scale", "group_view", "check_finite", "check_nm", "project",
+    "fmt_choices",
+    "PROJECTION_MODES",
+]
 
-__all__ = ["nm_mask", "project_nm", "soft_threshold", "sste_scale", "group_view", "check_finite"]
+PROJECTION_MODES = ("hard", "soft")
+
+
+def fmt_choices(choices) -> str:
+    """Valid choices as an error message lists them: ``'a', 'b', None``."""
+    return ", ".join(repr(c) for c in choices)
+
+
+def check_nm(n: int, m: int) -> None:
+    """Raise a `ValueError` unless ``0 < n < m`` are integers."""
+    for name, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__})")
+    if m < 2:
+        raise ValueError(f"`m` must be at least 2, got m={m}")
+    if not 0 < n < m:
+        raise ValueError(f"`n` must satisfy 0 < n < m, got n={n}, m={m}")
 
 
 def group_view(w: torch.Tensor, m: int, name: str = "w") -> torch.Tensor:
@@ -196,3 +216,30 @@ def sste_scale(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     # den is NaN when S(w) is (a non-finite group); `den > 0` alone would then answer 1.
     fallback = torch.where(torch.isnan(den), den, torch.ones_like(den))
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(acc).tiny), fallback).float()
+
+
+def project(w: torch.Tensor, n: int, m: int, mode: str, beta=None, need_mask: bool = True):
+    """``(W~, mask)`` of a projection mode, without autograd; the Triton kernel on CUDA.
+
+    ``mode="hard"``: ``W~ = project_nm(w)``; ``mode="soft"``: ``W~ = (beta * soft_threshold(w.float()))
+    .to(w.dtype)`` (float32 whatever the dtype, rounded once, as the kernel does). ``mask`` is
+    ``nm_mask(w)`` in both modes (the soft support lies inside it, and equals it but on tied
+    groups); with ``need_mask=False`` the reference path may return ``None`` for it.
+
+    Example:
+        >>> project(torch.tensor([[1.0, -2.0, 3.0, 0.5]]), 2, 4, "hard")[0]
+        tensor([[ 0., -2.,  3.,  0.]])
+    """
+    if mode not in PROJECTION_MODES:
+        raise ValueError(f"Unknown projection `mode`={mode!r}; valid choices: 'hard', 'soft'")
+    if mode == "soft" and beta is None:
+        raise ValueError("the soft projection needs S-STE's scale `beta`")
+    from .. import kernels  # the Triton twin; imported lazily (it imports no triton itself)
+
+    if kernels.available(w):
+        return kernels.project_weight(w, n, m, mode, beta)
+    if mode == "soft":
+        s = soft_threshold(w.float(), n, m)
+        return (s * beta).to(w.dtype), (nm_mask(w, n, m) if need_mask else None)
+    mask = nm_mask(w, n, m)
+    return w * mask, mask

@@ -45,7 +45,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from ..config import _fmt_choices as _fmt, check_nm
+from .nm import check_nm, fmt_choices as _fmt
 
 __all__ = [
     "TRANSPOSABLE_METHODS",

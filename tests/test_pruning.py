@@ -534,3 +534,73 @@ def test_prox_compiled_path_matches_the_per_group_loop_in_float32(monkeypatch):
         torch.testing.assert_close(compiled.double(), want, rtol=0, atol=1e-4)
         assert torch.equal(compiled != 0, eager != 0)
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+
+
+def _sparsegpt_plain(w, h, n, m, damp=0.01):
+    """SparseGPT as a plain OBS loop, one column at a time, without the Cholesky factor or blocks.
+
+    After columns ``< j`` are fixed, the inverse Hessian of the remaining problem is
+    ``inv(H[j:, j:])``; its first row gives the optimal update of the columns ``>= j`` when column
+    ``j`` is set to its pruned value, and its ``[0, 0]`` entry the score denominator. Dead inputs
+    follow the reference implementation: ``H_jj := 1`` and ``W[:, j] := 0``.
+    """
+    h = h.double().clone()
+    w = w.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += torch.eye(len(h), dtype=h.dtype) * damp * float(h.diagonal().mean())
+    cols = w.shape[1]
+    hinv_jj = [float(torch.linalg.inv(h[j:, j:])[0, 0]) for j in range(cols)]
+    keep = torch.zeros(w.shape, dtype=torch.bool)
+    for j in range(cols):
+        if j % m == 0:
+            score = w[:, j:j + m] ** 2 / torch.tensor(hinv_jj[j:j + m], dtype=h.dtype)
+            for r in range(w.shape[0]):
+                order = sorted(range(m), key=lambda c: -float(score[r, c]))
+                for c in order[:n]:
+                    keep[r, j + c] = True
+        hinv = torch.linalg.inv(h[j:, j:])
+        delta = w[:, j] * (~keep[:, j])
+        w[:, j:] -= (delta / hinv[0, 0]).unsqueeze(1) * hinv[0].unsqueeze(0)
+        w[:, j] = w[:, j] * keep[:, j]
+    return w, keep
+
+
+def _dead_input_layer(seed, scale):
+    """A ReLU down-projection-like layer: 32 inputs, 6 of them dead, at most 2 per group of 4."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(512, 32, generator=g) @ torch.randn(32, 32, generator=g) * 0.3) * scale
+    dead = torch.tensor([1, 6, 7, 12, 21, 30])
+    x[:, dead] = 0.0
+    w = torch.randn(12, 32, generator=g)
+    return x, w, x.T @ x / len(x), dead
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 20.0])
+def test_sparsegpt_spends_no_slot_on_dead_inputs(scale):
+    x, w, h, dead = _dead_input_layer(seed=3, scale=scale)
+    w_hat, mask = sparsegpt_prune(w, h, 2, 4)
+    # Every group has at least 2 live inputs, so no kept slot (and no nonzero weight) is dead.
+    assert not mask[:, dead].any()
+    assert (w_hat[:, dead] == 0).all()
+    assert mask.reshape(12, 8, 4).sum(-1).eq(2).all()
+    # The same algorithm as a plain column-by-column loop on explicit inverses.
+    ref_w, ref_mask = _sparsegpt_plain(w, h, 2, 4)
+    assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(w_hat.double(), ref_w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
+    # The output error on the data is no worse than the reference's.
+    err = float(((x @ (w - w_hat).T) ** 2).sum())
+    ref_err = float(((x.double() @ (w.double() - ref_w).T) ** 2).sum())
+    assert err <= ref_err * (1 + 1e-5)
+
+
+def test_sparsegpt_score_is_zero_on_dead_inputs():
+    from sparsetrain.pruning.methods import sparsegpt_score
+
+    _, w, h, dead = _dead_input_layer(seed=4, scale=0.05)
+    score = sparsegpt_score(w, h)
+    assert (score[:, dead] == 0).all()
+    live = torch.ones(32, dtype=torch.bool)
+    live[dead] = False
+    assert (score[:, live] > 0).all()

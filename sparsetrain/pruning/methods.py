@@ -60,12 +60,21 @@ def wanda_prune(w: torch.Tensor, h: torch.Tensor, n: int, m: int, mask: Optional
     return w * mask, mask
 
 
+def dead_inputs(h: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[in]``: the inputs that were zero on every calibration token (``H_jj == 0``).
+
+    A ReLU down-projection with dead neurons has such inputs. Their weights never see data, so any
+    value there leaves the local loss unchanged, and an N:M slot spent on them is a slot lost.
+    """
+    return h.diagonal() <= 0
+
+
 def _damped_hessian(h: torch.Tensor, damp: float) -> torch.Tensor:
     h = h.double().clone()
     diag = h.diagonal()
     # An input that is always zero gives a zero row/column; any positive diagonal makes the
     # matrix invertible and leaves the loss unchanged, since the weights there never see data.
-    diag[diag <= 0] = 1.0
+    diag[dead_inputs(h)] = 1.0
     diag.add_(damp * float(diag.mean()))
     return h
 
@@ -88,9 +97,14 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def sparsegpt_score(w: torch.Tensor, h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """SparseGPT's pruning score ``W_ij^2 / U_jj^2`` for the dense weights (used for fixed masks)."""
+    """SparseGPT's pruning score ``W_ij^2 / U_jj^2`` for the dense weights (used for fixed masks).
+
+    Inputs that never saw data score 0, as in `sparsegpt_prune`, so a mask built on this score
+    keeps live weights first.
+    """
     u = _inverse_cholesky(h, damp)
-    return (w.double() ** 2 / u.diagonal().unsqueeze(0) ** 2).float()
+    w = w.double().masked_fill(dead_inputs(h).unsqueeze(0), 0.0)
+    return (w ** 2 / u.diagonal().unsqueeze(0) ** 2).float()
 
 
 def sparsegpt_prune(
@@ -121,6 +135,8 @@ def sparsegpt_prune(
         block_size: columns per lazy-update block, rounded down to a multiple of ``m``.
         mask: a fixed mask to use instead of the adaptive choice (transposable masks).
 
+    Weights on dead inputs (``H_jj == 0``, see `dead_inputs`) are set to 0 and so are pruned first.
+
     Returns:
         ``(pruned weights float32, mask)``.
 
@@ -132,7 +148,10 @@ def sparsegpt_prune(
     """
     out_f, in_f = w.shape
     u = _inverse_cholesky(h, damp)  # float64 (in, in)
-    wk = w.double().clone()
+    # Weights on inputs that never saw data are zeroed first (as the reference implementation
+    # does): their damped-Hessian diagonal is set to 1, which would otherwise give them a score
+    # W_ij^2 / U_jj^2 unrelated to the data and let them win N:M slots over live inputs.
+    wk = w.double().masked_fill(dead_inputs(h).unsqueeze(0), 0.0)
     keep = torch.zeros(out_f, in_f, dtype=torch.bool, device=w.device)
     bs = max(m, (block_size // m) * m)  # a group of m never straddles two blocks
     for i1 in range(0, in_f, bs):

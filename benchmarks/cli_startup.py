@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stamp import stamp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
+    started = stamp()
     table = {}
     for name, code in CASES.items():
         runs = [_run(code) for _ in range(args.repeats)]
@@ -73,14 +76,9 @@ def main(argv=None) -> int:
     old = table["old eager import (ops, nn, callbacks)"]["wall_s"]
     for name in ("import sparsetrain", "sparsetrain --help", "import sparsetrain; st.sparsify"):
         table[name]["speedup_vs_old_eager_import"] = round(old / table[name]["wall_s"], 1)
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
     result = {
         "benchmark": "cli_startup",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, load average {load}",
-        "python": sys.version.split()[0],
+        "stamp": started,
         "repeats": args.repeats,
         "note": "fastest of the repeats, each a fresh interpreter; importtime_s sums the top-level modules",
         "table": table,

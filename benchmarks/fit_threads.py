@@ -14,13 +14,15 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stamp import stamp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--busy", type=int, default=1, help="spinning processes started first")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
+    started = stamp()  # before the spinners: its load average is the machine's own
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     stop = mp.Event()
     spinners = [mp.Process(target=_spin, args=(stop,), daemon=True) for _ in range(args.busy)]
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
         row["speedup_vs_torch_default"] = round(base / row["fit_wall_s"], 2)
     result = {
         "benchmark": "fit_threads",
-        "machine": f"{platform.machine()}, {cores} usable cores, load average {os.getloadavg()}",
+        "stamp": started,
         "steps": args.steps,
         "busy_processes": args.busy,
         "table": table,

@@ -1153,6 +1153,10 @@ def main(argv=None) -> int:
         return rehearse(args.out if args.out != p.get_default("out") else None)
     t0 = time.perf_counter()
     budget = Budget(args.budget_s)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _stamp import stamp  # the commit is None where the tree was copied without .git
+
+    started = stamp()
     if args.smoke_cpu:
         torch.set_num_threads(1)  # tiny shapes: one thread, no waits on a shared machine's busy cores
         plan = SMOKE
@@ -1172,10 +1176,11 @@ def main(argv=None) -> int:
                   "cusparselt": cusparselt.is_available(),
                   "cusparselt_version": cusparselt.version() if cusparselt.is_available() else None}
         stem = f"gpu_suite_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}" + ("_quick" if args.quick else "")
+    result["stamp"] = started
     result.update(_versions())
     result.update(python=sys.executable, dtype=str(env.dtype).replace("torch.", ""), timer=env.timer.__name__,
                   threads=torch.get_num_threads(), peak_GBps=env.peak_gbps, peak_GBps_source=env.peak_gbps_source,
-                  l2_cache_bytes=env.l2_bytes, budget_s=args.budget_s, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                  l2_cache_bytes=env.l2_bytes, budget_s=args.budget_s)
     path = Path(args.out) / f"{stem}.json"
     if args.skip_tests:
         result["gpu_tests"] = {"skipped": "--skip-tests"}

@@ -33,7 +33,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_overhead import VARIANTS, build, machine, paired_ratio, step, time_interleaved  # noqa: E402
+from _stamp import stamp  # noqa: E402
+from step_overhead import VARIANTS, build, paired_ratio, step, time_interleaved  # noqa: E402
 
 METHODS = ["dense", "ste", "sr-ste", "s-ste", "s-ste+mvue", "t-sr-ste"]
 
@@ -100,6 +101,7 @@ def main():
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
+    started = stamp()
 
     names = ["dense"] + args.variants
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
@@ -120,7 +122,8 @@ def main():
     ratio = {v: paired_ratio(times, v) for v in args.variants}
     result = {
         "benchmark": "memory_overhead",
-        "machine": machine(),
+        "stamp": started,
+        "load_average_at_end": list(os.getloadavg()),  # other jobs on the machine during the run
         "setup": {"d": args.d, "ffn": 4 * args.d, "layers": args.layers, "tokens": args.tokens,
                   "repeats": args.repeats, "targets": "mlp", "backend": "dense", "optimizer": "AdamW",
                   "target_weights": targets},

@@ -55,6 +55,9 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny-s-ste.yaml"
 RESULTS = REPO / "benchmarks" / "results"
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stamp import stamp  # noqa: E402
+
 HALF_FFN = "<half of 4 x n_embd>"  # filled in per run from the model's width
 
 # row -> CLI overrides; all share the recipe's model, data and optimizer. The first block is the
@@ -102,7 +105,6 @@ ROWS = {
     "warmup10-s-ste+flip-reset-lr4e-3": ["--sparsity.method", "s-ste", "--sparsity.dense_warmup", "0.1",
                                          "--sparsity.flip_moments", "reset", "--model.lr", "4e-3"],
 }
-METHODS = ROWS  # the name before issue 12
 
 
 def _read_metrics(root: Path) -> list[dict]:
@@ -310,7 +312,7 @@ def _write(path: Path, runs: list[dict], args, label: str) -> dict:
         "settings": list(args.set),
         "val_every": args.val_every,
         "seeds": sorted({r["seed"] for r in runs}),
-        "machine": args.machine,
+        "stamp": stamp(),  # of the job that wrote the file last; each run carries its own
         "table": table,
         "runs": runs,
         "python": sys.version.split()[0],
@@ -349,9 +351,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", "--methods", nargs="+", default=list(ROWS), choices=list(ROWS),
                    help="rows to (re)run; the others already in the JSON are kept (merge)")
     p.add_argument("--name", default="pretrain_quality",
-                   help="JSON / PNG name under --out, e.g. pretrain_quality_screen for a short screening run")
+                   help="JSON / PNG name under --out, e.g. pretrain_quality_short for a short screening run")
     p.add_argument("--label", default="full", help="what this table is, stored in the JSON (e.g. 'screening: 300 steps')")
-    p.add_argument("--machine", default="2-core x86-64 CPU, shared", help="stored in the JSON")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads; use 1 on a shared machine (2 threads per job on 2 busy cores ran ~20x slower)")
     p.add_argument("--cache-dir", default=None, help="corpus cache (default: sparsetrain's)")
@@ -377,11 +378,12 @@ def main(argv=None) -> int:
     path = out / f"{args.name}.json"
     # Merge only with runs of the same setup: other steps or settings are another experiment.
     runs, mine = _same_setup(_load(path), args), {}
+    started = stamp()  # side-by-side jobs and later reruns merge into one file: each run says which code made it
     with tempfile.TemporaryDirectory(prefix="pretrain_quality_") as tmp:
         for method in args.rows:
             for seed in args.seeds:
                 r = run_one(method, seed, args.steps, args.val_every, Path(tmp), cache, args.set)
-                mine[(method, seed)] = r
+                mine[(method, seed)] = r = {**r, "stamp": started}
                 print(f"{method:>24s} seed {seed}: val loss {r['final_val_loss']:.4f}  "
                       f"flip rate {r['final_flip_rate']:.2e}  ({r['wall_s']:.0f} s)", flush=True)
             # After every row, re-read the file so that jobs run side by side (other rows or seeds

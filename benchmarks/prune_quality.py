@@ -23,8 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +33,9 @@ from sparsetrain.data import ByteTokenizer, stdlib_files
 from sparsetrain.data.sources import iter_file_documents
 from sparsetrain.pruning import prune
 from sparsetrain.pruning.cli import perplexity
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stamp import stamp  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "prune_quality.json"
 
@@ -211,6 +213,7 @@ def main(argv=None) -> dict:
         print(markdown_tables(json.loads(Path(args.out).read_text())["models"]))
         return {}
     torch.set_num_threads(args.threads)
+    started = stamp()
     warmup_s = _warm_up_compiled()
 
     ids = _tokens(args.max_bytes)
@@ -266,12 +269,12 @@ def main(argv=None) -> dict:
                 # the reference of this entry's time ratio, measured in the same run
                 "sparsegpt_refine_seconds_same_run": ref_t,
             }
-        models[mname] = {"config": meta, "dense_perplexity": dense_ppl, "summary": summary, "runs": runs}
+        models[mname] = {"stamp": started, "config": meta, "dense_perplexity": dense_ppl, "summary": summary, "runs": runs}
 
     result = {
+        "stamp": started,  # this run's; models kept from earlier runs carry their own
         "setup": {**{k: v for k, v in vars(args).items() if k != "out"},
                   "corpus": "Python stdlib source, byte-level", "torch": torch.__version__,
-                  "machine": (platform.processor() or platform.machine()) + f", {os.cpu_count()} cores (shared)",
                   "threads": torch.get_num_threads(),
                   "compile_warmup_seconds": warmup_s},  # before any timing; see _warm_up_compiled
         "models": models,

@@ -15,15 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
+import sys
 import time
 
 import torch
 from transformers import GPT2Config, GPT2Model
 
 import sparsetrain as st
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _stamp import stamp  # noqa: E402
 
 VARIANTS = {
     "ste": dict(method="ste"),
@@ -86,12 +89,6 @@ def paired_ratio(times, variant, baseline="dense"):
     return statistics.median(a / b for a, b in zip(times[variant], times[baseline]))
 
 
-def machine():
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_average_1min": os.getloadavg()[0]}  # other jobs on the machine, at the end of the run
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=768)
@@ -103,6 +100,7 @@ def main():
                     help="the engine's metrics interval (Lightning's default logging interval is 50)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_overhead.json"))
     args = ap.parse_args()
+    started = stamp()
 
     x = torch.randn(1, args.tokens, args.d)
     names = ["dense"] + args.variants
@@ -112,7 +110,8 @@ def main():
     paired = {v: paired_ratio(times, v) for v in args.variants}
     result = {
         "benchmark": "step_overhead",
-        "machine": machine(),
+        "stamp": started,
+        "load_average_at_end": list(os.getloadavg()),  # other jobs on the machine during the run
         "setup": {"d": args.d, "ffn": 4 * args.d, "layers": args.layers, "tokens": args.tokens,
                   "repeats": args.repeats, "targets": "mlp", "backend": "dense", "engine": "Sparsifier attached",
                   "metrics_every": args.metrics_every},

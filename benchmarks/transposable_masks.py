@@ -17,10 +17,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -30,20 +28,13 @@ import torch
 from sparsetrain.ops import transposable_error, transposable_mask
 from sparsetrain.ops import transposable as _transposable
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stamp import stamp  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "transposable_masks.json"
 TARGET_GAP = 0.02  # TSENOR within 2% of the optimum at 8:16 and 16:32 (issue 5)
 TARGET_SPEEDUP = 20.0  # TSENOR at least 20x faster than `optimal` at 1024x1024 on CPU
 TARGET_GPU_S = 0.12  # 8192x8192 8:16 on a GPU (the paper's H100 figure)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _timed(fn, device: torch.device):
@@ -135,6 +126,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    started = stamp()
 
     torch.set_num_threads(args.threads)
     sizes = [512] if args.quick else [int(s) for s in args.sizes.split(",")]
@@ -164,11 +156,8 @@ def main(argv=None) -> dict:
 
     result = {
         "benchmark": "transposable N:M masks",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "scipy": scipy.__version__, "python": platform.python_version(),
-        },
+        "stamp": started,
+        "scipy": scipy.__version__,
         "settings": {
             "score": "|W|, W ~ N(0, 1), torch.Generator seed %d" % args.seed,
             "tsenor_defaults": {"tau": _transposable._TSENOR_TAU, "iters": _transposable._TSENOR_ITERS},

@@ -65,6 +65,9 @@ def test_smoke_cpu_runs_every_section(tmp_path):
     assert result["gpu_tests"] == {"skipped": "--skip-tests"}
     assert result["peak_GBps"] is None
     assert result["skipped"] == [] and result["budget_s"] == 420
+    # traceable: the command that made it and the machine it ran on (benchmarks/_stamp.py)
+    assert result["stamp"]["command"].endswith(f"--smoke-cpu --skip-tests --out {tmp_path}")
+    assert result["stamp"]["machine"]["torch"] == torch.__version__ and result["stamp"]["machine"]["gpu"] is None
     suite = _load_suite()
     assert list(result["sections"]) == [s for s in suite.SECTION_ORDER if s != "gpu_tests"]
     assert all(v["status"] == "done" for v in result["sections"].values())

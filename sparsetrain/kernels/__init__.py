@@ -6,7 +6,9 @@ The layer asks `available(t)` and, when true, calls these instead of the torch r
   ``ops.project_nm`` / ``beta * ops.soft_threshold``);
 - `mvue24`: unbiased 2:4 sparsification of a gradient (twin of ``ops.mvue24``);
 - `transposable24`: the exact transposable 2:4 mask (twin of
-  ``ops.transposable_mask(score, 2, 4, method="exact24")``).
+  ``ops.transposable_mask(score, 2, 4, method="exact24")``);
+- `sparsify_activation`: an input made N:M per token and its mask in one pass (twin of
+  ``ops.activation.sparsify_activation``).
 
 `available` is true only on CUDA: on CPU the torch reference is faster than Triton's interpreter.
 The kernels themselves also run on CPU tensors through the interpreter, which is how the tests
@@ -22,7 +24,7 @@ import torch
 
 from ._launch import triton_importable
 
-__all__ = ["available", "project_weight", "mvue24", "transposable24"]
+__all__ = ["available", "project_weight", "mvue24", "transposable24", "sparsify_activation"]
 
 _TRITON_OK: Optional[bool] = None
 
@@ -67,3 +69,10 @@ def transposable24(score: torch.Tensor) -> torch.Tensor:
     from .transposable import transposable24_forward
 
     return transposable24_forward(score)
+
+
+def sparsify_activation(x: torch.Tensor, n: int = 2, m: int = 4):
+    """``(X~, mask)``: ``x`` made N:M along its last dim per token; see `kernels.activation`."""
+    from .activation import sparsify_activation_forward
+
+    return sparsify_activation_forward(x, n, m)

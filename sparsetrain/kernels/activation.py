@@ -87,9 +87,9 @@ def sparsify_activation_forward(x: torch.Tensor, n: int = 2, m: int = 4):
         >>> sparsify_activation_forward(torch.tensor([[0.0, 3.0, -1.0, 0.5]]))[0]
         tensor([[ 0.,  3., -1.,  0.]])
     """
-    from ..ops.nm import check_nm
-
-    check_nm(n, m)
+    # Checked here, not with ops.nm.check_nm: kernels import nothing from the rest of sparsetrain.
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)) or not 0 < n < m:
+        raise ValueError(f"`n` and `m` must be ints with 0 < n < m, got n={n!r}, m={m!r}")
     if not x.is_floating_point():
         raise TypeError(f"`x` must be a floating tensor, got dtype {x.dtype}")
     if x.dim() == 0 or x.shape[-1] % m != 0:

@@ -131,17 +131,26 @@ def _overrides(settings: list[str]) -> list[str]:
     return [a for key, value in _parse_settings(settings).items() for a in (f"--{key}", value)]
 
 
+def _resolve_half(args: list[str], settings: list[str]) -> list[str]:
+    """``args`` with the half-wide FFN computed from the model's width."""
+    width = int(_parse_settings(settings).get("model.n_embd", 128))  # 128: the recipe's n_embd
+    return [str(2 * width) if a == HALF_FFN else a for a in args]
+
+
 def _row_args(method: str, settings: list[str]) -> list[str]:
     """The row's overrides, with the half-wide FFN computed from the model's width."""
-    width = int(_parse_settings(settings).get("model.n_embd", 128))  # 128: the recipe's n_embd
-    return [str(2 * width) if a == HALF_FFN else a for a in ROWS[method]]
+    return _resolve_half(ROWS[method], settings)
 
 
 def run_one(method: str, seed: int, steps: int, val_every: int, workdir: Path, cache_dir: str,
-            settings: list[str] = ()) -> dict:
-    """Train one (row, seed) with the CLI and return its validation curve and flip rates."""
+            settings: list[str] = (), row_args: list[str] | None = None) -> dict:
+    """Train one (row, seed) with the CLI and return its validation curve and flip rates.
+
+    ``row_args``: the row's overrides when the row is not one of ``ROWS`` (the size study,
+    ``pretrain_quality_scale.py``, defines its own rows); ``HALF_FFN`` in it is resolved as here."""
     from sparsetrain.cli import main
 
+    row_args = _row_args(method, settings) if row_args is None else _resolve_half(row_args, settings)
     root = workdir / f"{method}-seed{seed}"
     args = [
         "fit", "--config", str(RECIPE),
@@ -157,7 +166,7 @@ def run_one(method: str, seed: int, steps: int, val_every: int, workdir: Path, c
         "--data.cache_dir", cache_dir,
         "--sparsity.seed", str(seed),
         *_overrides(settings),
-        *_row_args(method, settings),
+        *row_args,
     ]
     t0 = time.perf_counter()
     main(args)
@@ -168,7 +177,7 @@ def run_one(method: str, seed: int, steps: int, val_every: int, workdir: Path, c
     train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     return {
         "method": method,
-        "overrides": _row_args(method, settings),
+        "overrides": row_args,
         "settings": list(settings),
         "steps": steps,
         "seed": seed,

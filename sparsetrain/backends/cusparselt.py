@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import fp8 as _fp8
-from ..ops.mvue import mvue24 as _mvue24_ref
+from ..ops.mvue import mvue24 as _mvue24
 
 __all__ = ["can_use", "linear", "CuSparseLtLinearFunction", "semi_structured_weight", "to_semi_structured"]
 
@@ -204,13 +204,9 @@ def _compressed_weights(w_eff: torch.Tensor, cache: Optional[dict], need_t: bool
 
 def _mvue_tokens_t(dy2: torch.Tensor, method: str, generator) -> torch.Tensor:
     """``MVUE(dY)^T`` as a row-major ``(out, T)`` tensor, 2:4 along tokens, ready to compress."""
-    from .. import kernels
-
-    if kernels.available(dy2):
-        g_t = torch.empty(dy2.shape[1], dy2.shape[0], dtype=dy2.dtype, device=dy2.device)
-        kernels.mvue24(dy2, dim=0, method=method, generator=generator, out=g_t.t())
-        return g_t
-    return _mvue24_ref(dy2, dim=0, method=method, generator=generator).t().contiguous()
+    g_t = torch.empty(dy2.shape[1], dy2.shape[0], dtype=dy2.dtype, device=dy2.device)
+    _mvue24(dy2, dim=0, method=method, generator=generator, out=g_t.t())  # the kernel writes it in place
+    return g_t
 
 
 class CuSparseLtLinearFunction(torch.autograd.Function):

@@ -1,14 +1,18 @@
 """Triton kernels: faster twins of functions in `sparsetrain.ops`, tested against them.
 
-The layer asks `available(t)` and, when true, calls these instead of the torch reference:
+Each `ops` function with a twin here asks `available(t)` itself and, when true, calls the twin
+instead of its torch reference; nothing else in the package calls these directly:
 
 - `project_weight`: the effective weight and its N:M mask in one pass (twin of ``ops.nm_mask`` /
-  ``ops.project_nm`` / ``beta * ops.soft_threshold``);
-- `mvue24`: unbiased 2:4 sparsification of a gradient (twin of ``ops.mvue24``);
+  ``ops.project_nm`` / ``beta * ops.soft_threshold``; picked by ``ops.nm.project``);
+- `mvue24`: unbiased 2:4 sparsification of a gradient (twin of ``ops.mvue24``, which picks it);
 - `transposable24`: the exact transposable 2:4 mask (twin of
-  ``ops.transposable_mask(score, 2, 4, method="exact24")``);
+  ``ops.transposable_mask(score, 2, 4, method="exact24")``, which picks it for float32/16 scores);
 - `sparsify_activation`: an input made N:M per token and its mask in one pass (twin of
   ``ops.activation.sparsify_activation``).
+
+This package is the bottom of sparsetrain: it imports nothing from the rest of it (its shared
+argument checks live in `_checks`, which `ops` re-exports).
 
 `available` is true only on CUDA: on CPU the torch reference is faster than Triton's interpreter.
 The kernels themselves also run on CPU tensors through the interpreter, which is how the tests
@@ -57,11 +61,11 @@ def project_weight(weight: torch.Tensor, n: int, m: int, mode: str, beta=None):
     return nm_project_forward(weight, n, m, mode, beta)
 
 
-def mvue24(g: torch.Tensor, dim: int = -1, method: str = "exact", generator=None, *, out=None):
+def mvue24(g: torch.Tensor, dim: int = -1, method: str = "exact", generator=None, *, uniforms=None, out=None):
     """Unbiased 2:4 sparsification of ``g`` along ``dim``; see `kernels.mvue.mvue24_forward`."""
     from .mvue import mvue24_forward
 
-    return mvue24_forward(g, dim, method, generator, out=out)
+    return mvue24_forward(g, dim, method, generator, uniforms=uniforms, out=out)
 
 
 def transposable24(score: torch.Tensor) -> torch.Tensor:

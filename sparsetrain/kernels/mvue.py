@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._launch import DualKernel
-from ..ops.mvue import _check_method
+from ._checks import check_mvue_method as _check_method
 from ._tl_utils import bf16_bits_to_f32, load_view, round_to_bf16_bits, store_view
 
 __all__ = ["mvue24_forward"]

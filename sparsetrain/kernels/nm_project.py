@@ -25,12 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import PROJECTION_MODES as MODES, check_nm
 from ._launch import DualKernel
 from ._tl_utils import bf16_bits_to_f32, load_view, round_to_bf16_bits, store_view
 
 __all__ = ["nm_project_forward"]
 
-MODES = ("hard", "soft")  # the projection a method maps to (see `sparsetrain.methods`)
 
 
 def _nm_project_kernel(
@@ -104,8 +104,6 @@ def nm_project_forward(weight: torch.Tensor, n: int, m: int, mode: str, beta=Non
         >>> nm_project_forward(w, 2, 4, "hard")[1]
         tensor([[False,  True,  True, False]])
     """
-    from ..ops.nm import check_nm
-
     check_nm(n, m)
     if mode not in MODES:
         valid = ", ".join(repr(x) for x in MODES)

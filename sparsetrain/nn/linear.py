@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import backends, kernels
+from .. import backends
 from ..config import SparsityConfig
 from ..methods import effective_weight, masked_weight
 from ..ops.nm import check_finite, sste_scale
@@ -366,10 +366,7 @@ class SparseLinear(nn.Linear):
                 f"`transposable=True` needs both weight dims to be multiples of m={cfg.m}, got {tuple(weight.shape)}"
             )
         score = weight.abs()
-        if (cfg.n, cfg.m) == (2, 4) and cfg.transposable_method in ("auto", "exact24") and kernels.available(score):
-            new = kernels.transposable24(score)
-        else:
-            new = transposable_mask(score.float(), cfg.n, cfg.m, method=cfg.transposable_method)
+        new = transposable_mask(score.float(), cfg.n, cfg.m, method=cfg.transposable_method)  # the kernel on CUDA
         new = new.to(self.mask_packed.device)
         old = unpack_mask(self.mask_packed, weight.shape)
         self._mask_version += 1

@@ -34,20 +34,14 @@ import torch
 
 __all__ = ["mvue24", "mvue24_probabilities", "MVUE_CHOICES"]
 
-from .._compiled import Compiled
-from .nm import fmt_choices as _fmt_choices
-
-MVUE_CHOICES = ("exact", "approx")  # the estimators; `SparsityConfig.mvue` adds None (exact gradients)
+from .. import kernels  # the Triton twin (importing it imports no triton)
+from ._compiled import Compiled
+from ..kernels._checks import MVUE_CHOICES, check_mvue_method as _check_method
 # Added to |g| by the approximate estimator so that every entry has a positive probability of
 # being drawn second; small enough to vanish next to any float32 gradient that is not ~0.
 # kernels/mvue.py repeats the literal (a Triton kernel cannot read a Python global).
 APPROX_EPS = 1e-30
 _TINY = torch.finfo(torch.float32).tiny
-
-
-def _check_method(method: str) -> None:
-    if method not in MVUE_CHOICES:
-        raise ValueError(f"Unknown MVUE `method`={method!r}; valid choices: {_fmt_choices(MVUE_CHOICES)}")
 
 
 def exact_inv_c(a: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -212,8 +206,13 @@ def mvue24(
     generator: Optional[torch.Generator] = None,
     *,
     uniforms: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Unbiased 2:4 sparsification of ``g`` in groups of 4 consecutive entries along ``dim``.
+
+    On CUDA (with triton) the Triton twin `kernels.mvue24` runs: the same estimator and decision
+    rule, with its uniforms drawn by Philox from one seed taken from ``generator`` (so a fixed
+    generator state still gives a fixed output, but not the stream ``torch.rand`` would give).
 
     Args:
         g: any floating tensor; ``g.shape[dim]`` must be a multiple of 4.
@@ -224,6 +223,8 @@ def mvue24(
         uniforms: instead of drawing, these uniforms in ``[0, 1)``: shape ``(r, P, L // 4, Q)`` with
             ``P``/``Q`` the products of the dims before/after ``dim`` and ``r`` 1 (``exact``) or 2
             (``approx``), as `kernels.mvue.mvue24_forward` takes them. For tests of the contract.
+        out: where to write the result (shaped, typed and placed like ``g``; any strides), e.g.
+            ``torch.empty(out_f, T).t()`` so that the result is already the row-major transpose.
 
     Returns:
         A tensor like ``g`` with at most 2 non-zeros per group and ``E[out] = g``.
@@ -237,18 +238,36 @@ def mvue24(
     _check_method(method)
     if not g.is_floating_point():
         raise TypeError(f"`g` must be a floating tensor, got dtype {g.dtype}")
+    if g.dim() == 0:
+        raise ValueError("`g` must have at least one dimension, got a scalar")
     dim = dim % g.dim()
     if g.shape[dim] % 4 != 0:
         raise ValueError(f"`g.shape[{dim}]`={g.shape[dim]} is not a multiple of 4 (shape {tuple(g.shape)})")
     pre = math.prod(g.shape[:dim])
     post = math.prod(g.shape[dim + 1 :])
     groups = g.shape[dim] // 4
+    k = 1 if method == "exact" else 2
+    if out is not None and (out.shape != g.shape or out.dtype != g.dtype or out.device != g.device):
+        raise ValueError(
+            f"`out` must match `g` in shape, dtype and device ({tuple(g.shape)} {g.dtype} {g.device}), "
+            f"got {tuple(out.shape)} {out.dtype} {out.device}"
+        )
+    if uniforms is not None and tuple(uniforms.shape) != (k, pre, groups, post):
+        raise ValueError(f"`uniforms` must have shape {(k, pre, groups, post)}, got {tuple(uniforms.shape)}")
+    if kernels.available(g):
+        return kernels.mvue24(g, dim, method, generator, uniforms=uniforms, out=out)
+    result = _mvue24_torch(g, method, generator, uniforms, pre, groups, post)
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
+def _mvue24_torch(g, method, generator, uniforms, pre, groups, post):
+    """The torch reference of `mvue24`, on arguments it has checked."""
     gv = g.reshape(pre, groups, 4, post)
     k = 1 if method == "exact" else 2
     if uniforms is None:
         u = torch.rand((k, pre, groups, post), generator=generator, device=g.device, dtype=torch.float32)
-    elif tuple(uniforms.shape) != (k, pre, groups, post):
-        raise ValueError(f"`uniforms` must have shape {(k, pre, groups, post)}, got {tuple(uniforms.shape)}")
     else:
         u = uniforms.to(device=g.device, dtype=torch.float32)
     if g.device.type == "cpu" and g.numel() >= _COMPILE_MIN_NUMEL:

@@ -26,29 +26,13 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels._checks import PROJECTION_MODES, check_nm, fmt_choices  # the one home of both (kernels check their own arguments)
+
 __all__ = [
     "nm_mask", "project_nm", "soft_threshold", "sste_scale", "group_view", "check_finite", "check_nm", "project",
     "fmt_choices",
     "PROJECTION_MODES",
 ]
-
-PROJECTION_MODES = ("hard", "soft")
-
-
-def fmt_choices(choices) -> str:
-    """Valid choices as an error message lists them: ``'a', 'b', None``."""
-    return ", ".join(repr(c) for c in choices)
-
-
-def check_nm(n: int, m: int) -> None:
-    """Raise a `ValueError` unless ``0 < n < m`` are integers."""
-    for name, value in (("n", n), ("m", m)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__})")
-    if m < 2:
-        raise ValueError(f"`m` must be at least 2, got m={m}")
-    if not 0 < n < m:
-        raise ValueError(f"`n` must satisfy 0 < n < m, got n={n}, m={m}")
 
 
 def group_view(w: torch.Tensor, m: int, name: str = "w") -> torch.Tensor:

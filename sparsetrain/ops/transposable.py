@@ -28,7 +28,7 @@ extreme scores, in float32, bfloat16 and float16):
 2. Ties: ``"exact24"`` sums each pattern's kept scores in row-major order in float32 (float64 for
    float64 scores) and keeps the first best pattern in the lexicographic order of `_patterns24`;
    the Triton kernel (`kernels.transposable`) does the same, so for float32, bfloat16 and float16
-   scores their masks are bit-equal. ``"greedy"`` visits equal scores in row-major order. The
+   scores their masks are bit-equal (on CUDA `transposable_mask` runs the kernel for them). ``"greedy"`` visits equal scores in row-major order. The
    others are deterministic functions of the scores.
 3. Non-finite scores are an error (a `ValueError` naming the count), in the op and the kernel
    alike: no mask can be "visibly NaN", and a silent choice would hide the divergence.
@@ -45,6 +45,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from .. import kernels  # the Triton twin of exact24 (importing it imports no triton)
 from .nm import check_nm, fmt_choices as _fmt
 
 __all__ = [
@@ -55,6 +56,9 @@ __all__ = [
 ]
 
 TRANSPOSABLE_METHODS = ("auto", "tsenor", "exact24", "optimal", "greedy")
+# Score dtypes whose exact24 mask the Triton twin reproduces bit for bit (it sums in float32; a
+# float64 score is summed in float64 here, and integer scores are not its input).
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # tau and iters were tuned on |N(0, 1)| 1024x1024 matrices at 2:4, 4:8, 8:16 and 16:32 (torch 2.13,
 # 1 thread of a shared 2-core CPU, an earlier capped greedy rounding); gap = relative loss of kept |W|
@@ -554,6 +558,8 @@ def transposable_mask(score: torch.Tensor, n: int = 2, m: int = 4, method: str =
         raise ValueError(f"`method`='exact24' solves 2:4 only, got n={n}, m={m}; use 'tsenor' or 'optimal'")
     _check_score(score, m)
 
+    if method == "exact24" and score.dtype in _KERNEL_DTYPES and kernels.available(score):
+        return kernels.transposable24(score)  # the Triton twin: the same sums, so the same mask
     rows, cols = score.shape
     tiles = _to_tiles(score.detach().to(_work_dtype(score)), m)  # (B, m, m)
     if tiles.shape[0] == 0:

@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from .._compiled import Compiled
+from ..ops._compiled import Compiled
 from ..ops.nm import group_view, nm_mask, project_nm
 
 __all__ = ["prox_2to4", "regularizer_2to4", "ProxResult", "prox_prune", "lambda_max"]

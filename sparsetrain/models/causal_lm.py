@@ -40,15 +40,30 @@ def build_hf_config(
     dropout: float,
     tie_word_embeddings: Optional[bool],
     extra: dict,
+    activation: Optional[str] = None,
 ):
-    """A `transformers` config from architecture-neutral sizes (each family names them differently)."""
+    """A `transformers` config from architecture-neutral sizes (each family names them differently).
+
+    ``activation`` is the FFN's activation as a `transformers` ``ACT2FN`` name (``"relu2"``: squared
+    ReLU, ``"gelu_new"``, ``"silu"``, ...); None keeps the family's own (GPT-2: ``gelu_new``,
+    Llama: ``silu`` in its gated MLP). GPT-2 calls the field ``activation_function``, Llama ``hidden_act``.
+    """
     from transformers import AutoConfig
+    from transformers.activations import ACT2FN
+
+    if activation is not None and activation not in ACT2FN:
+        raise ValueError(
+            f"Unknown `activation`={activation!r}; valid choices: None (the family's default) or a "
+            f"transformers ACT2FN name, e.g. 'relu2' (squared ReLU), 'gelu_new', 'silu', 'relu'"
+        )
 
     if model_type == "gpt2":
         kw = dict(
             n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=block_size, n_inner=n_inner,
             resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
         )
+        if activation is not None:
+            kw["activation_function"] = activation
         if n_kv_head is not None:
             raise ValueError("`n_kv_head` (grouped-query attention) is for model_type='llama', not 'gpt2'")
     elif model_type == "llama":
@@ -59,6 +74,8 @@ def build_hf_config(
             intermediate_size=n_inner or 64 * math.ceil(8 * n_embd / 3 / 64),
             attention_dropout=dropout,
         )
+        if activation is not None:
+            kw["hidden_act"] = activation  # the gate's activation: down_proj sees act(gate) * up
     else:
         raise ValueError(f"Unknown `model_type`={model_type!r}; valid choices: {', '.join(map(repr, MODEL_TYPES))}")
     if tie_word_embeddings is not None:
@@ -92,6 +109,9 @@ class CausalLMModule(L.LightningModule):
         tie_word_embeddings: share the input embedding and the output head (default: the family's default).
         pad_vocab_to: the embedding has ``vocab_size`` rounded up to a multiple of this (64: faster
             matmuls, as nanoGPT's 50304); the extra rows are never targets.
+        activation: the FFN activation, a `transformers` ``ACT2FN`` name; ``"relu2"`` (squared ReLU)
+            makes the down-projection's input mostly exact zeros, which 2:4 activations
+            (``SparsityConfig.activation_sparsity``) exploit. None: the family's default.
         hf_config: further fields passed to the `transformers` config as they are.
         lr: peak learning rate, reached after ``warmup_steps``.
         min_lr: the learning rate cosine decay ends at.
@@ -115,6 +135,7 @@ class CausalLMModule(L.LightningModule):
         n_kv_head: Optional[int] = None,
         dropout: float = 0.0,
         tie_word_embeddings: Optional[bool] = None,
+        activation: Optional[str] = None,
         pad_vocab_to: int = 64,
         hf_config: Optional[dict[str, Any]] = None,
         lr: float = 1e-3,
@@ -147,7 +168,7 @@ class CausalLMModule(L.LightningModule):
         padded = pad_vocab_to * math.ceil(vocab_size / pad_vocab_to)
         self.config = build_hf_config(
             model_type, padded, n_layer, n_head, n_embd, block_size, n_inner, n_kv_head, dropout,
-            tie_word_embeddings, dict(hf_config or {}),
+            tie_word_embeddings, dict(hf_config or {}), activation=activation,
         )
         # from_config initialises fresh weights (the family's own init, e.g. GPT-2's scaled residual projections).
         self.model = AutoModelForCausalLM.from_config(self.config)

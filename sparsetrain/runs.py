@@ -40,9 +40,10 @@ CKPT_DIR = "checkpoints"
 
 # Fields of `CausalLMModule` that fix the shape of the model's parameters: a checkpoint cannot be
 # loaded into a model built with other values. (`vocab_size` follows the data's tokenizer when the
-# model is built, so the CLI compares `data.tokenizer` instead.)
+# model is built, so the CLI compares `data.tokenizer` instead.) `activation` leaves the shapes
+# alone but changes the function the weights were trained for, so a resume must match it too.
 MODEL_SHAPE_FIELDS = ("model_type", "n_layer", "n_head", "n_embd", "block_size", "n_inner",
-                      "n_kv_head", "tie_word_embeddings", "pad_vocab_to", "hf_config")
+                      "n_kv_head", "tie_word_embeddings", "pad_vocab_to", "hf_config", "activation")
 # Fields of `SparsityConfig` whose change alters what a training step computes. `backend` (how the
 # same product is run) and `seed` (the generators are restored from the checkpoint) may differ.
 SPARSITY_MATH_FIELDS = ("method", "n", "m", "targets", "srste_decay", "masked_decay", "mvue", "fp8",

@@ -1,0 +1,126 @@
+"""cuSPARSELt products for a layer whose *input* is 2:4 per token (sparse activations).
+
+With ``X`` the tokens ``(T, in)``, ``mask`` its 2:4 mask along ``in`` (per token), ``X~ = X * mask``
+and ``W~`` the ``(out, in)`` effective weight (dense, or 2:4 itself):
+
+- forward ``Y = X~ W~^T``: ``X~`` is 2:4 along the reduction dim, so it is the structured operand:
+  ``_cslt_sparse_mm(X~c, W~^T)`` with ``X~c = _cslt_compress(X~)`` (one compression per call: the
+  activations change every micro-batch). ``W~^T`` is read as the transpose of the row-major
+  ``W~``, so no copy is made; the result ``(T, out)`` is row-major. cuSPARSELt adds a bias per row
+  of the sparse operand (per token here), so the per-feature bias is added after the product.
+  With 2:4 weights too only one operand of a GEMM can be the structured one; the activations are
+  chosen, so the weight needs no forward compression at all.
+- input gradient ``dX = mask * (dY W~)``: the reduction runs over ``out``, along which neither
+  operand is structured, so it is a dense GEMM, masked afterwards. The exception is the
+  transposable weight mask: ``W~^T`` is then 2:4 along ``out`` and the product is sparse, as in the
+  weight path (`backends.cusparselt`).
+- weight gradient ``dW~ = dY^T X~``: the reduction runs over tokens; ``X~`` is 2:4 along features,
+  not tokens, so it is dense too, unless MVUE is on (``MVUE(dY^T)`` is 2:4 along tokens and becomes
+  the structured operand, as in the weight path).
+
+`docs/sparse-activations.md` explains this choice against Haziza et al. 2025 (arXiv 2503.16672).
+The masking runs in the Triton kernel `kernels.activation` on CUDA (``X~`` and the mask in one
+pass) and ``torch._cslt_compress`` compresses ``X~`` afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..ops.activation import sparsify_activation
+from . import cusparselt as _cs
+
+__all__ = ["activation_linear", "CuSparseLtActivationLinearFunction", "can_use"]
+
+
+def can_use(weight: torch.Tensor, x: Optional[torch.Tensor] = None, dtype=None, n: int = 2, m: int = 4):
+    """Whether the activation-sparse cuSPARSELt product can run, and if not why.
+
+    The weight is the dense operand here, but the sparse operand ``X~`` is ``(tokens, in)`` with
+    ``in`` a multiple of 16, and ``out`` must be a multiple of 8: `cusparselt.can_use`'s check of the
+    weight (multiples of 16 in both dims) covers both.
+    """
+    if (n, m) != (2, 4):
+        return False, f"cuSPARSELt runs 2:4 only, got activation sparsity {n}:{m}"
+    dtype = dtype or weight.dtype
+    if dtype == torch.float8_e4m3fn:
+        return False, "FP8 is not implemented for sparse activations (the activation is compressed in bf16/fp16)"
+    return _cs.can_use(weight, x, dtype)
+
+
+class CuSparseLtActivationLinearFunction(torch.autograd.Function):
+    """``y = (x * mask(x)) @ w_eff^T + b`` with ``X~`` as cuSPARSELt's structured operand."""
+
+    @staticmethod
+    def forward(ctx, x, w_eff, bias, mvue, generator, cache, transposable):
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in): all leading dims are tokens
+        t = x2.shape[0]
+        w = w_eff.to(dtype)
+        xt, mask = sparsify_activation(x2, 2, 4)  # (T, in) each; the Triton kernel on CUDA
+        # Zero token rows are 2:4 (all zero) and pad T to cuSPARSELt's multiple for the sparse operand.
+        xtp = _cs._pad_rows(xt, _cs._SPARSE_MULTIPLE[dtype])
+        y = _cs._sparse_mm(torch._cslt_compress(xtp), w.t())[:t]  # (Tp, in) x (in, out) -> (T, out)
+        if bias is not None:
+            y = y + bias.to(dtype)
+        wtc = None
+        if transposable:  # W~^T c for the input gradient; compressed once per optimizer step
+            wtc = _cs._compressed_weights(w, cache, True, False)[1]
+        ctx.save_for_backward(xt, mask, None if wtc is not None else w)
+        ctx.wtc = wtc
+        ctx.dtype = dtype
+        ctx.mvue, ctx.generator = mvue, generator
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.x_shape = x.shape
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        xt, mask, w = ctx.saved_tensors
+        dtype = ctx.dtype
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (T, out)
+        t = dy2.shape[0]
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            if ctx.wtc is not None:
+                dyp = _cs._pad_rows(dy2, _cs._DENSE_MULTIPLE[dtype])
+                g = _cs._sparse_mm(ctx.wtc, dyp.t(), transpose_result=True)[:t]  # (W~^T dY^T)^T = dY W~
+            else:
+                g = dy2 @ w
+            # The derivative of the masking: the gradient reaches the kept inputs only.
+            dx = torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device)).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            if ctx.mvue is not None:
+                dyp = _cs._pad_rows(dy2, _cs._TOKEN_MULTIPLE)
+                xp = _cs._pad_rows(xt, _cs._TOKEN_MULTIPLE)
+                g_t = _cs._mvue_tokens_t(dyp, ctx.mvue, ctx.generator)  # (out, Tp), 2:4 along tokens
+                dw = _cs._sparse_mm(torch._cslt_compress(g_t), xp)  # (out, Tp) @ (Tp, in)
+            else:
+                dw = dy2.t() @ xt
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None, None, None, None
+
+
+def activation_linear(x, w_eff, bias, *, mvue=None, generator=None, cache=None, transposable=False):
+    """cuSPARSELt product ``(x * mask_2:4(x)) @ w_eff^T + bias``, differentiable in all three.
+
+    Args:
+        x: ``(..., in)`` CUDA input in float16/bfloat16; made 2:4 per token along ``in``.
+        w_eff: ``(out, in)`` effective weight (dense, or 2:4 along ``in``).
+        bias: ``(out,)`` or None.
+        mvue: None (dense weight gradient) or ``"exact"``/``"approx"`` (sparse, unbiased).
+        generator: `torch.Generator` on ``x``'s device for MVUE draws.
+        cache: the layer's dict (``cache["key"]`` reuses the compressed ``W~^T`` when transposable).
+        transposable: ``w_eff``'s mask is transposable, so the input gradient is sparse too.
+
+    Raises:
+        ValueError: when `can_use` says cuSPARSELt cannot run this product.
+    """
+    ok, reason = can_use(w_eff, x, x.dtype)
+    if not ok:
+        raise ValueError(f"`backend`='cusparselt' cannot run this layer's sparse activations: {reason}")
+    return CuSparseLtActivationLinearFunction.apply(x, w_eff, bias, mvue, generator, cache, transposable)

@@ -276,9 +276,9 @@ def section_help(section: str) -> str:
     if section == "sparsity":
         import dataclasses
 
-        from .config import SparsityConfig
+        from .config import SparsityConfig, field_help
 
-        docs = doc_args(SparsityConfig)
+        docs = field_help()  # declared on each field (sparsetrain.config), so no field goes without
         params = [(f.name, f.default) for f in dataclasses.fields(SparsityConfig)]
         title = "sparsity (SparsityConfig: which layers become N:M sparse, and how)"
     else:

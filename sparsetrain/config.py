@@ -1,28 +1,60 @@
-"""`SparsityConfig`: one frozen dataclass that says how a model is made N:M sparse."""
+"""`SparsityConfig`: one frozen dataclass that says how a model is made N:M sparse.
+
+Every field is declared once, with ``dataclasses.field(metadata=...)``, by `_field`. The metadata
+keys (read them with `field_info`, never by hand):
+
+- ``kind``: ``"math"`` (changes what a training step computes), ``"schedule"`` (a step count or
+  interval: when the math changes) or ``"runtime"`` (how the same math is run: backend, seed of
+  the draws, what to do on NaN). A resume must keep every math and schedule field.
+- ``help``: one paragraph for ``sparsetrain fit --help`` and this class's docstring (``Args:``).
+- ``choices``: the valid values (a tuple, or a callable returning one, e.g. the method registry's
+  names), or None when the values are free or checked in ``__post_init__``.
+- ``engine``: None, or one line saying what happens when the field is set (not None, False or 0)
+  and no engine (`sparsetrain.Sparsifier`, or its Lightning / transformers adapters) runs it.
+
+Every list of fields is derived from these declarations: `resume_fields` (the engine's resume
+fingerprint and the CLI's early resume check), the CLI help, `engine_requirements` (the layer's
+"needs an engine" warning) and the export metadata. To add a field: declare it with `_field`
+(pick its kind; give it help, and choices or a check in ``__post_init__``), and nothing else.
+
+A method's own hyper-parameters are not fields: they go in ``method_options`` and are declared
+by the method (`sparsetrain.methods.Method.options`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from . import methods as _methods
 from .ops.mvue import MVUE_CHOICES
 from .ops.nm import check_nm, fmt_choices as _fmt_choices  # the math layer owns both; config re-exports them
 from .ops.transposable import TRANSPOSABLE_METHODS
 
-METHODS = ("dense", "ste", "sr-ste", "s-ste")
 # The one definition of each set of choices (`backends.BACKEND_CHOICES` is BACKENDS; the math's
-# own choices, MVUE estimators and transposable solvers, are defined in ops/ and read here).
+# own choices, MVUE estimators and transposable solvers, are defined in ops/ and read here; the
+# methods are the registry's, `sparsetrain.methods.names()`).
 MVUE_METHODS = (None, *MVUE_CHOICES)
 BACKENDS = ("auto", "dense", "cusparselt")
 NONFINITE_ACTIONS = ("raise", "skip")
 TARGET_PRESETS = ("mlp", "all")  # named `targets`; anything else is a regex or a callable
 FLIP_MOMENTS = (None, "reset", "reset_exp_avg")
 PRUNE_METHODS = ("magnitude", "wanda")
+FIELD_KINDS = ("math", "schedule", "runtime")
 
 # A target filter receives the module and its qualified name, like torchao's `module_filter_fn`.
 TargetFilter = Callable[["object", str], bool]
 
+_STEPS = "an optimizer step (an int) or a fraction of max_steps (a float in (0, 1))"
+_LENGTH = "K optimizer steps (an int K, or a float in (0, 1): that fraction of max_steps)"
+
+
+def _field(default: Any, kind: str, help: str, choices: Any = None, engine: Optional[str] = None):
+    """A `SparsityConfig` field with its declaration (see the module docstring)."""
+    if kind not in FIELD_KINDS:
+        raise ValueError(f"Unknown field `kind`={kind!r}; valid choices: {_fmt_choices(FIELD_KINDS)}")
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help, "choices": choices, "engine": engine})
 
 
 def _check_step_or_fraction(name: str, value, minimum: int = 0) -> None:
@@ -37,92 +69,106 @@ def _check_step_or_fraction(name: str, value, minimum: int = 0) -> None:
         raise ValueError(f"`{name}` as a step must be >= {minimum}, got {value!r}")
 
 
+def _method_help() -> str:
+    return "the sparse-training method: " + "; ".join(
+        f'``"{meth.name}"`` ({meth.summary})' for meth in _methods.all_methods()
+    ) + ". Default: S-STE, as in Hu et al. 2024."
+
+
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig:
     """How to make the target layers of a model N:M sparse during training.
 
-    Args:
-        method: ``"dense"`` (no sparsity; a baseline with the same code path), ``"ste"`` (hard
-            projection, straight-through gradient), ``"sr-ste"`` (hard projection plus the
-            sparse-refined decay ``srste_decay * (1 - mask) * W`` on the gradient), or ``"s-ste"``
-            (soft threshold with a frozen per-tensor scale; the default, as in Hu et al. 2024).
-        n, m: keep ``n`` of every ``m`` consecutive weights along the input dimension.
-        targets: which layers to swap: ``"mlp"`` (feed-forward layers only, as the papers do),
-            ``"all"`` (every Linear/Conv1D except the LM head), a regular expression matched
-            with ``re.search`` against qualified module names, or a callable ``(module, name) -> bool``.
-        srste_decay: lambda_W of SR-STE (Zhou et al. 2021 use 2e-4).
-        masked_decay: if set, ``masked_decay * (1 - mask) * W`` is added to the gradient after
-            clipping, right before the optimizer step (the T-SR-STE recipe uses 6e-5 or 2e-4).
-        mvue: ``None`` (exact weight gradient), ``"exact"`` (minimum-variance unbiased 2:4 of
-            dY^T) or ``"approx"`` (the cheaper sampling estimator of the 2by4 toolkit).
-        fp8: simulate (CPU) or run (sm89+) per-tensor scaled FP8 matmuls.
-        backend: ``"auto"`` (cuSPARSELt where it can run, else dense), ``"dense"``, ``"cusparselt"``.
-        dense_finetune_from: switch to dense training at this optimizer step (int) or at this
-            fraction of ``max_steps`` (float in (0, 1)); ``None`` never switches.
-        seed: seeds the MVUE sampling generators; ``None`` draws one from torch's global RNG.
-        transposable: use masks that are N:M along rows and columns of every m x m tile (STE /
-            SR-STE), so that W~^T is N:M too and the input-gradient GEMM can be sparse.
-        mask_update_interval: with ``transposable``, recompute the mask every this many optimizer steps.
-        transposable_method: the solver used for transposable masks (see `ops.transposable_mask`).
-        on_nonfinite: what the engine does when a target layer's gradient (before the optimizer
-            step) or weight (after it) holds NaN/inf: ``"raise"`` a `FloatingPointError` naming
-            the layer and the step, or ``"skip"`` the step (no parameter, mask or schedule moves)
-            with a warning. Under fp16 `GradScaler` an overflow is skipped by the scaler before
-            the engine sees it.
-
-    Schedules (all acted on by the engine, `sparsetrain.Sparsifier`; a step count is an int, a
-    fraction of the run's ``max_steps`` a float in (0, 1)):
-
-        dense_warmup: train dense for this many optimizer steps first, then switch to ``method``
-            (S-STE's beta and transposable masks are taken from the weights at the switch).
-        threshold_ramp: S-STE only. Over this many steps from the start of sparse training, the
-            threshold ramps ``r`` from 0 to 1: ``W~ = (1 + r (beta - 1)) * S_r(W)`` with
-            ``S_r(w) = sign(w) max(|w| - r t, 0)``, so W~ moves continuously from W to S-STE's exactly
-            N:M ``beta * S(W)``; beta is taken once, when sparse training starts. ``r = (step - s0) / K``
-            at optimizer step ``step`` (0-based), ``s0`` the first sparse step, ``K`` the ramp length.
-        decay_ramp: SR-STE's decay and ``masked_decay`` grow linearly from 0 to their value over this
-            many steps from the start of sparse training (factor ``(step - s0) / K``, at most 1).
-        flip_moments: what happens to the Adam state of weights whose mask entry flipped in a step:
-            ``None`` (kept), ``"reset"`` (``exp_avg`` and ``exp_avg_sq`` set to 0) or
-            ``"reset_exp_avg"`` (only ``exp_avg`` set to 0). Needs an Adam-style optimizer.
-        prune_at: train dense until this step, then prune once to exact N:M with ``prune_method``
-            (W <- pruned W) and train sparse with ``method`` to the end (beta from the pruned W).
-        prune_method: ``"magnitude"`` or ``"wanda"`` (|W_ij| * ||X_j||, with ||X_j|| from the
-            training inputs of the last ``prune_calibration_steps`` dense optimizer steps).
-        prune_calibration_steps: how many optimizer steps before ``prune_at`` Wanda collects inputs.
+    Each field's ``kind`` (math, schedule or runtime), help text, choices and engine needs are
+    declared on the field itself (see `field_info`); the ``Args:`` section below is generated
+    from those declarations.
     """
 
-    method: str = "s-ste"
-    n: int = 2
-    m: int = 4
-    targets: Union[str, TargetFilter] = "mlp"
-    srste_decay: float = 2e-4
-    masked_decay: Optional[float] = None
-    mvue: Optional[str] = None
-    fp8: bool = False
-    backend: str = "auto"
-    dense_finetune_from: Optional[Union[int, float]] = None
-    seed: Optional[int] = None
-    transposable: bool = False
-    mask_update_interval: int = 40
-    transposable_method: str = "auto"
-    on_nonfinite: str = "raise"
-    dense_warmup: Optional[Union[int, float]] = None
-    threshold_ramp: Optional[Union[int, float]] = None
-    decay_ramp: Optional[Union[int, float]] = None
-    flip_moments: Optional[str] = None
-    prune_at: Optional[Union[int, float]] = None
-    prune_method: str = "magnitude"
-    prune_calibration_steps: int = 4  # a few micro-batches suffice for ||X_j|| (Wanda uses 128 sequences)
+    method: str = _field("s-ste", "math", _method_help(), choices=_methods.names)
+    n: int = _field(2, "math", "keep ``n`` of every ``m`` consecutive weights along the input dimension.")
+    m: int = _field(4, "math", "the group size of the N:M pattern (``n`` < ``m``; the input dim must divide by it).")
+    targets: Union[str, TargetFilter] = _field(
+        "mlp", "math",
+        'which layers to swap: ``"mlp"`` (feed-forward layers only, as the papers do), ``"all"`` (every '
+        "Linear/Conv1D except the LM head), a regular expression matched with ``re.search`` against qualified "
+        "module names, or a callable ``(module, name) -> bool``.")
+    srste_decay: float = _field(
+        2e-4, "math", "lambda_W of SR-STE: ``srste_decay * (1 - mask) * W`` is added to the gradient once per "
+        "optimizer step (Zhou et al. 2021 use 2e-4). Used by method='sr-ste' only.")
+    masked_decay: Optional[float] = _field(
+        None, "math", "if set, ``masked_decay * (1 - mask) * W`` is added to the gradient after clipping, right "
+        "before the optimizer step, for any sparse method (the T-SR-STE recipe uses 6e-5 or 2e-4).",
+        engine="`masked_decay` is applied once per optimizer step by the engine; without one it does nothing")
+    mvue: Optional[str] = _field(
+        None, "math", '``None`` (exact weight gradient), ``"exact"`` (minimum-variance unbiased 2:4 of dY^T) or '
+        '``"approx"`` (the cheaper sampling estimator of the 2by4 toolkit).', choices=MVUE_METHODS)
+    fp8: bool = _field(False, "math", "simulate (CPU) or run (sm89+) per-tensor scaled FP8 matmuls.")
+    backend: str = _field(
+        "auto", "runtime", '``"auto"`` (cuSPARSELt where it can run, else dense), ``"dense"``, ``"cusparselt"``: '
+        "how the same product is computed.", choices=BACKENDS)
+    dense_finetune_from: Optional[Union[int, float]] = _field(
+        None, "schedule", f"switch to dense training at {_STEPS}; ``None`` never switches.",
+        engine="`dense_finetune_from` is a schedule of the engine; without one training never switches")
+    seed: Optional[int] = _field(
+        None, "runtime", "seeds the MVUE sampling generators; ``None`` draws one from torch's global RNG.")
+    transposable: bool = _field(
+        False, "math", "use masks that are N:M along rows and columns of every m x m tile (methods that support "
+        "it: STE / SR-STE), so that W~^T is N:M too and the input-gradient GEMM can be sparse.",
+        engine="transposable masks are refreshed by the engine; without one the mask stays as it was built")
+    mask_update_interval: int = _field(
+        40, "schedule", "with ``transposable``, recompute the mask every this many optimizer steps.")
+    transposable_method: str = _field(
+        "auto", "math", "the solver used for transposable masks (see `ops.transposable_mask`).",
+        choices=TRANSPOSABLE_METHODS)
+    on_nonfinite: str = _field(
+        "raise", "runtime", "what the engine does when a target layer's gradient (before the optimizer step) or "
+        'weight (after it) holds NaN/inf: ``"raise"`` a `FloatingPointError` naming the layer and the step, or '
+        '``"skip"`` the step (no parameter, mask or schedule moves) with a warning. Under fp16 `GradScaler` an '
+        "overflow is skipped by the scaler before the engine sees it.", choices=NONFINITE_ACTIONS)
+    dense_warmup: Optional[Union[int, float]] = _field(
+        None, "schedule", f"train dense until {_STEPS}, then switch to ``method`` (S-STE's beta and transposable "
+        "masks are taken from the weights at the switch).",
+        engine="`dense_warmup` is a schedule of the engine; without one training is sparse from the start")
+    threshold_ramp: Optional[Union[int, float]] = _field(
+        None, "schedule", f"S-STE only: over {_LENGTH} from the start of sparse training, the "
+        "threshold ramps ``r`` from 0 to 1: ``W~ = (1 + r (beta - 1)) * S_r(W)`` with ``S_r(w) = sign(w) "
+        "max(|w| - r t, 0)``, so W~ moves continuously from W to S-STE's exactly N:M ``beta * S(W)``; beta is "
+        "taken once, when sparse training starts. ``r = (step - s0) / K`` at optimizer step ``step`` (0-based), "
+        "``s0`` the first sparse step, ``K`` the ramp length.",
+        engine="`threshold_ramp` is a schedule of the engine; without one S-STE uses its full threshold")
+    decay_ramp: Optional[Union[int, float]] = _field(
+        None, "schedule", f"the method's per-step decay (SR-STE's) and ``masked_decay`` grow linearly from 0 to "
+        f"their value over {_LENGTH} from the start of sparse training (factor "
+        "``(step - s0) / K``, at most 1).",
+        engine="`decay_ramp` is a schedule of the engine; without one it does nothing")
+    flip_moments: Optional[str] = _field(
+        None, "math", "what happens to the Adam state of weights whose mask entry flipped in a step: ``None`` "
+        '(kept), ``"reset"`` (``exp_avg`` and ``exp_avg_sq`` set to 0) or ``"reset_exp_avg"`` (only ``exp_avg`` '
+        "set to 0). Needs an Adam-style optimizer.", choices=FLIP_MOMENTS,
+        engine="`flip_moments` acts on the optimizer through the engine; without one it does nothing")
+    prune_at: Optional[Union[int, float]] = _field(
+        None, "schedule", f"train dense until {_STEPS}, then prune once to exact N:M with ``prune_method`` "
+        "(W <- pruned W) and train sparse with ``method`` to the end (beta from the pruned W).",
+        engine="`prune_at` is a schedule of the engine; without one training is sparse from the start")
+    prune_method: str = _field(
+        "magnitude", "math", '``"magnitude"`` or ``"wanda"`` (|W_ij| * ||X_j||, with ||X_j|| from the training '
+        "inputs of the last ``prune_calibration_steps`` dense optimizer steps); needs ``prune_at``.",
+        choices=PRUNE_METHODS)
+    # A few micro-batches suffice for ||X_j|| (Wanda uses 128 sequences).
+    prune_calibration_steps: int = _field(
+        4, "schedule", "how many optimizer steps before ``prune_at`` Wanda collects inputs.")
+    method_options: Optional[Dict[str, Any]] = _field(
+        None, "math", "the method's own options, e.g. ``{decay: 1e-3}``; each method declares the keys it takes "
+        "and their defaults (``sparsetrain.methods.get(name).options``); ``None`` keeps the defaults.")
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown `method`={self.method!r}; valid choices: {_fmt_choices(METHODS)}")
+        meth = _methods.get(self.method)  # the registry's one-line error for an unknown name
+        for f in dataclasses.fields(self):
+            choices = field_choices(f.name)
+            value = getattr(self, f.name)
+            if choices is not None and f.name != "method" and value not in choices:
+                raise ValueError(f"Unknown `{f.name}`={value!r}; valid choices: {_fmt_choices(choices)}")
         check_nm(self.n, self.m)
-        if self.mvue not in MVUE_METHODS:
-            raise ValueError(f"Unknown `mvue`={self.mvue!r}; valid choices: {_fmt_choices(MVUE_METHODS)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"Unknown `backend`={self.backend!r}; valid choices: {_fmt_choices(BACKENDS)}")
         if not (callable(self.targets) or isinstance(self.targets, str)):
             raise TypeError(
                 f"`targets` must be 'mlp', 'all', a regex string or a callable (module, name) -> bool, "
@@ -138,53 +184,45 @@ class SparsityConfig:
             raise ValueError(f"`masked_decay` must be None or a finite number >= 0, got {self.masked_decay!r}")
         for name in ("dense_finetune_from", "dense_warmup", "threshold_ramp", "decay_ramp", "prune_at"):
             _check_step_or_fraction(name, getattr(self, name), minimum=1 if name in ("threshold_ramp", "decay_ramp") else 0)
-        self._check_schedules()
         if isinstance(self.mask_update_interval, bool) or not isinstance(self.mask_update_interval, int) \
                 or self.mask_update_interval < 1:
             raise ValueError(f"`mask_update_interval` must be an int >= 1, got {self.mask_update_interval!r}")
-        if self.transposable_method not in TRANSPOSABLE_METHODS:
+        if self.method_options is not None and not (
+                isinstance(self.method_options, dict) and all(isinstance(k, str) for k in self.method_options)):
+            raise TypeError(f"`method_options` must be None or a dict of option names to values, got {self.method_options!r}")
+        sparse_names = _fmt_choices([x.name for x in _methods.all_methods() if x.sparse])
+        if self.mvue is not None and not meth.sparse:
+            raise ValueError(f"`mvue` needs a sparse `method` ({sparse_names}), got method={self.method!r}")
+        if self.transposable and not meth.transposable:
+            supported = _fmt_choices([x.name for x in _methods.all_methods() if x.transposable])
             raise ValueError(
-                f"Unknown `transposable_method`={self.transposable_method!r}; "
-                f"valid choices: {_fmt_choices(TRANSPOSABLE_METHODS)}"
+                f"`transposable=True` is supported for method {supported} (the T-SR-STE recipe), not "
+                f"method={self.method!r}" + (". Use method='sr-ste'." if meth.sparse else "")
             )
-        if self.on_nonfinite not in NONFINITE_ACTIONS:
-            raise ValueError(
-                f"Unknown `on_nonfinite`={self.on_nonfinite!r}; valid choices: {_fmt_choices(NONFINITE_ACTIONS)}"
-            )
-        if self.mvue is not None and self.method == "dense":
-            raise ValueError("`mvue` needs a sparse `method` ('ste', 'sr-ste' or 's-ste'), got method='dense'")
-        if self.transposable and self.method == "s-ste":
-            raise ValueError(
-                "`transposable=True` is supported for method='ste' and 'sr-ste' (the T-SR-STE recipe); "
-                "S-STE's soft threshold has no transposable form yet. Use method='sr-ste'."
-            )
-        if self.transposable and self.method == "dense":
-            raise ValueError("`transposable=True` needs a sparse `method` ('ste' or 'sr-ste')")
+        self._check_schedules(meth, sparse_names)
+        meth.check(self)
 
-    def _check_schedules(self) -> None:
-        sparse_methods = "'ste', 'sr-ste' or 's-ste'"
-        if self.flip_moments not in FLIP_MOMENTS:
-            raise ValueError(f"Unknown `flip_moments`={self.flip_moments!r}; valid choices: {_fmt_choices(FLIP_MOMENTS)}")
+    def _check_schedules(self, meth, sparse_names: str) -> None:
         if self.flip_moments is not None and self.transposable:
             raise ValueError(
                 "`flip_moments` is not supported with `transposable=True` yet (a transposable mask changes only at "
                 "its refreshes); use it with a non-transposable method, or set flip_moments=None"
             )
-        if self.prune_method not in PRUNE_METHODS:
-            raise ValueError(f"Unknown `prune_method`={self.prune_method!r}; valid choices: {_fmt_choices(PRUNE_METHODS)}")
         c = self.prune_calibration_steps
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(f"`prune_calibration_steps` must be an int >= 1, got {c!r}")
         if self.prune_method != "magnitude" and self.prune_at is None:
             raise ValueError(f"`prune_method`={self.prune_method!r} would do nothing without `prune_at` (the step to prune at)")
         for name in ("dense_warmup", "threshold_ramp", "decay_ramp", "flip_moments", "prune_at"):
-            if getattr(self, name) is not None and self.method == "dense":
-                raise ValueError(f"`{name}`={getattr(self, name)!r} needs a sparse `method` ({sparse_methods}), got method='dense'")
-        if self.threshold_ramp is not None and self.method != "s-ste":
+            if getattr(self, name) is not None and not meth.sparse:
+                raise ValueError(
+                    f"`{name}`={getattr(self, name)!r} needs a sparse `method` ({sparse_names}), got method={self.method!r}"
+                )
+        if self.threshold_ramp is not None and not meth.supports_ramp:
             raise ValueError(
                 f"`threshold_ramp` ramps S-STE's soft threshold and needs method='s-ste', got method={self.method!r}"
             )
-        if self.decay_ramp is not None and not ((self.method == "sr-ste" and self.srste_decay > 0) or self.masked_decay):
+        if self.decay_ramp is not None and not (meth.has_step_term(self) or self.masked_decay):
             raise ValueError(
                 f"`decay_ramp`={self.decay_ramp!r} would do nothing: no decay is active. Use method='sr-ste' "
                 f"(srste_decay > 0) or set `masked_decay`."
@@ -202,10 +240,94 @@ class SparsityConfig:
                 )
 
     @property
+    def rule(self) -> "_methods.Method":
+        """The `sparsetrain.methods.Method` object of ``method`` (from the registry)."""
+        return _methods.get(self.method)
+
+    @property
     def sparse(self) -> bool:
         """True when the method makes weights sparse (every method but ``"dense"``)."""
-        return self.method != "dense"
+        return self.rule.sparse
+
+    def describe(self) -> str:
+        """One line for logs: ``"s-ste 2:4"``, or ``"dense (no sparsity)"`` for the baseline."""
+        if not self.sparse:
+            return f"{self.method} (no sparsity)"
+        return f"{self.method} {self.n}:{self.m}" + (" transposable" if self.transposable else "")
 
     def replace(self, **changes) -> "SparsityConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------------------------ declarations
+
+def field_info(name: str) -> Dict[str, Any]:
+    """The declaration of field ``name``: ``kind``, ``help``, ``choices`` (resolved) and ``engine``."""
+    f = _FIELDS.get(name)
+    if f is None:
+        raise ValueError(f"Unknown SparsityConfig field {name!r}; valid: {', '.join(_FIELDS)}")
+    return {**f.metadata, "choices": field_choices(name), "default": f.default}
+
+
+def field_choices(name: str) -> Optional[Tuple[Any, ...]]:
+    """The valid values of field ``name`` (None: free, or checked in ``__post_init__``)."""
+    choices = _FIELDS[name].metadata["choices"]
+    return tuple(choices()) if callable(choices) else choices
+
+
+def fields_of(*kinds: str) -> Tuple[str, ...]:
+    """The names of the fields of these kinds, in declaration order."""
+    for kind in kinds:
+        if kind not in FIELD_KINDS:
+            raise ValueError(f"Unknown field `kind`={kind!r}; valid choices: {_fmt_choices(FIELD_KINDS)}")
+    return tuple(name for name, f in _FIELDS.items() if f.metadata["kind"] in kinds)
+
+
+def resume_fields() -> Tuple[str, ...]:
+    """The fields a resume must keep: every ``math`` and ``schedule`` field."""
+    return fields_of("math", "schedule")
+
+
+def field_help() -> Dict[str, str]:
+    """``{field: help text}`` for every field (RST markup as in docstrings)."""
+    out = {name: f.metadata["help"] for name, f in _FIELDS.items()}
+    out["method"] = _method_help()  # methods registered after import show up too
+    return out
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None and value is not False and not (isinstance(value, (int, float)) and value == 0)
+
+
+def engine_requirements(cfg: SparsityConfig) -> List[Tuple[str, str]]:
+    """``(key, message)`` for every setting of ``cfg`` that only an engine acts on: the method's
+    per-step rule (keyed by the method's name) and each set field declared with ``engine``."""
+    out = []
+    need = cfg.rule.needs_engine(cfg)
+    if need:
+        out.append((cfg.method, need))
+    for name, f in _FIELDS.items():
+        if f.metadata["engine"] and _is_set(getattr(cfg, name)):
+            out.append((name, f.metadata["engine"]))
+    return out
+
+
+def _generated_doc() -> str:
+    """The class docstring: its summary plus an ``Args:`` entry per field, from the declarations."""
+    lines = [SparsityConfig.__doc__.rstrip(), "", "    Args:"]
+    import textwrap
+
+    for name, text in field_help().items():
+        kind = _FIELDS[name].metadata["kind"]
+        body = textwrap.wrap(f"{name}: ({kind}) {text}", width=100, initial_indent="        ",
+                             subsequent_indent="            ")
+        lines.extend(body)
+    return "\n".join(lines) + "\n"
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(SparsityConfig)}
+SparsityConfig.__doc__ = _generated_doc()
+# The fields a resume must keep (the engine's fingerprint, the CLI's early check).
+MATH_FIELDS = resume_fields()
+METHODS = _methods.names()  # the methods registered at import (read `sparsetrain.methods.names()` for later ones)

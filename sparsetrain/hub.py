@@ -60,10 +60,13 @@ def sparsity_metadata(hf_model, layer_names: list[str], cfg: Optional[dict], glo
     layers), ``layer_zero_fraction`` (per layer), ``nm_verified`` (every group of ``m`` along the input
     dim holds at most ``n`` non-zeros; export refuses to write otherwise; False when there is no sparse
     layer) and ``global_step``.
-    A dense run has ``method`` ``"dense"`` and no layers.
+    A dense run has ``method`` ``"dense"`` and no layers. ``training`` holds every config field a
+    resume must keep (the declared math and schedule fields, `sparsetrain.config.resume_fields`).
     """
+    from .config import resume_fields
+
     cfg = cfg or {"method": "dense", "n": None, "m": None, "targets": None}
-    sparse = cfg["method"] != "dense"
+    sparse = _is_sparse_method(cfg["method"])
     per_layer, zeros, total = {}, 0, 0
     for name in layer_names if sparse else []:
         w = _linear_weight(hf_model.get_submodule(name))
@@ -81,7 +84,17 @@ def sparsity_metadata(hf_model, layer_names: list[str], cfg: Optional[dict], glo
         "layer_zero_fraction": per_layer,
         "nm_verified": bool(per_layer),
         "global_step": global_step,
+        "training": {f: (v if v is None or isinstance(v, (str, int, float, bool, dict)) else repr(v))
+                     for f, v in ((f, cfg[f]) for f in resume_fields() if f in cfg)},
     }
+
+
+def _is_sparse_method(name: str) -> bool:
+    """Whether a checkpoint's method makes weights sparse (the registry says; an unknown name is
+    taken as sparse, so the N:M check still runs on its layers)."""
+    from . import methods
+
+    return name not in methods.names() or methods.get(name).sparse
 
 
 def data_tokenizer_of_checkpoint(ckpt: dict):
@@ -148,7 +161,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> dict:
     names = [name.removeprefix("model.") for name, _ in sparse_layers(module)]
     cfg = ckpt.get("sparsity_config")
     hf_model = export(module.model)
-    if cfg is not None and cfg["method"] != "dense":
+    if cfg is not None and _is_sparse_method(cfg["method"]):
         n, m = cfg["n"], cfg["m"]
         for name in names:
             bad = nm_violations(_linear_weight(hf_model.get_submodule(name)), n, m)

@@ -44,10 +44,9 @@ CKPT_DIR = "checkpoints"
 # alone but changes the function the weights were trained for, so a resume must match it too.
 MODEL_SHAPE_FIELDS = ("model_type", "n_layer", "n_head", "n_embd", "block_size", "n_inner",
                       "n_kv_head", "tie_word_embeddings", "pad_vocab_to", "hf_config", "activation")
-# Fields of `SparsityConfig` whose change alters what a training step computes. `backend` (how the
-# same product is run) and `seed` (the generators are restored from the checkpoint) may differ.
-SPARSITY_MATH_FIELDS = ("method", "n", "m", "targets", "srste_decay", "masked_decay", "mvue", "fp8",
-                        "dense_finetune_from", "transposable", "mask_update_interval", "transposable_method")
+# The `SparsityConfig` fields a resume must keep are its "math" and "schedule" fields, as the
+# config declares them (`sparsetrain.config.resume_fields`; read when a checkpoint is, so that this
+# module imports no torch).
 
 
 class CheckpointError(ValueError):
@@ -255,12 +254,15 @@ def config_mismatch(ckpt: Dict[str, Any], model: Dict[str, Any], sparsity: Optio
     if old is None:
         old = {"method": "dense"} if "hyper_parameters" in ckpt else None
     if old is not None and sparsity is not None:
+        from . import methods
+        from .config import resume_fields
+
         old_method, new_method = old.get("method", "s-ste"), sparsity.get("method", "s-ste")
         if old_method != new_method:
             return "sparsity.method", old_method, new_method
-        if old_method == "dense":  # the other fields act on nothing
-            return None
-        for field in SPARSITY_MATH_FIELDS:
+        if old_method in methods.names() and not methods.get(old_method).sparse:
+            return None  # the baseline: the other fields act on nothing
+        for field in resume_fields():
             if field in old and field in sparsity and _norm(old[field]) != _norm(sparsity[field]):
                 return f"sparsity.{field}", old[field], sparsity[field]
     return None

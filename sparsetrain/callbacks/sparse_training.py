@@ -70,8 +70,7 @@ class SparseTraining(Callback):
         if self._pending_state is not None:
             self.engine.load_state_dict(self._pending_state)
             self._pending_state = None
-        rank_zero_info(f"SparseTraining: {len(self.engine.swapped)} layer(s) -> {self.config.method} "
-                       f"{self.config.n}:{self.config.m}")
+        rank_zero_info(_swap_line(self.config, len(self.engine.swapped)))
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         engine = self.engine
@@ -114,6 +113,14 @@ class SparseTraining(Callback):
             self._pending_state = dict(state_dict)
         else:
             self.engine.load_state_dict(state_dict)
+
+
+def _swap_line(config: SparsityConfig, layers: int) -> str:
+    """What setup prints: ``8 layer(s) -> s-ste 2:4``; the dense baseline says that nothing is sparse."""
+    if not config.sparse:
+        return (f"SparseTraining: {config.describe()}: the {layers} target layer(s) stay dense "
+                f"(a baseline through the same code path)")
+    return f"SparseTraining: {layers} layer(s) -> {config.describe()}"
 
 
 def _holds_any(optimizer, engine: Sparsifier) -> bool:

@@ -154,7 +154,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> dict:
     Returns:
         The content of ``sparsetrain.json`` (its ``"metadata"`` is also ``config.json``'s ``"sparsetrain"``).
     """
-    from .cli import load_module_from_checkpoint  # checkpoint loading (and its errors) belong to the CLI
+    from .checkpoints import load_module_from_checkpoint
     from .nn import export, sparse_layers
 
     module, ckpt = load_module_from_checkpoint(ckpt_path)

@@ -106,6 +106,13 @@ def test_export_writes_sparsity_metadata_measured_on_the_weights(tmp_path):
     assert meta["zero_fraction"] == zeros / total == 0.5
     # Attention stays dense.
     assert float((tensors["transformer.h.0.attn.c_attn.weight"] == 0).float().mean()) < 0.01
+    # `sparsetrain prune --model <checkpoint>` reads the same weights (through `hub`, not the CLI).
+    from sparsetrain.pruning.cli import load_model
+
+    model, model_dir = load_model(str(ckpt), tmp_path / "for_prune")
+    assert model_dir == tmp_path / "for_prune"
+    for name in meta["layers"]:
+        assert torch.equal(model.get_submodule(name).weight, tensors[name + ".weight"])
 
 
 def test_export_trained_bpe_comes_from_the_checkpoint(tmp_path):

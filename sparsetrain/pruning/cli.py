@@ -65,7 +65,7 @@ def load_model(path: str, tmp: Path):
     if not p.exists():
         raise ValueError(f"`--model` {path!r} does not exist")
     if p.is_file() or (p / "checkpoints").is_dir():  # a checkpoint, or a run directory
-        from ..cli import export_checkpoint  # the training CLI knows how its checkpoints are built
+        from ..hub import export_checkpoint
 
         export_checkpoint(str(p), str(tmp))
         p = tmp

@@ -354,6 +354,54 @@ def _make_cli_class(state: Dict[str, Any]):
         def on_fit_end(self, trainer, pl_module) -> None:
             self.ended = time.perf_counter()
 
+        def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+            # Runs before the callbacks load their states: point the checkpoint callbacks' saved
+            # paths at this run's checkpoint folder as it is named now (see `_rebase_checkpoint_states`).
+            if state.get("resumed_own_run"):
+                _rebase_checkpoint_states(checkpoint, [cb for cb in trainer.checkpoint_callbacks
+                                                       if id(cb) in state.get("own_ckpt_callbacks", ())])
+
+    class FinalSparsity(Callback):
+        """The target layers' zero fraction and last-step flip rate when training ends, for the summary.
+
+        The engine computes its metrics every ``log_every_n_steps`` steps only, so a run shorter
+        than that (or ending between two of them) would report none. These follow the engine's
+        definitions: zeros of W~ over all target weights; mask entries the last optimizer step
+        changed over all mask entries (0 in a dense phase). Costs one mask per layer, once.
+        """
+
+        def __init__(self) -> None:
+            self.masks_before_last: Optional[Dict[str, Any]] = None
+            self.numbers: Dict[str, float] = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            from .nn import sparse_layers
+
+            last = trainer.max_steps
+            if self.masks_before_last is None and last is not None and last > 0 and trainer.global_step == last - 1:
+                self.masks_before_last = {n: l.mask.clone() for n, l in sparse_layers(pl_module)}
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            from .nn import sparse_layers
+
+            layers = sparse_layers(pl_module)
+            if not layers:
+                return
+            zeros = total = flips = entries = 0
+            for name, layer in layers:
+                w = layer.effective_weight()  # a collective under FSDP2: every rank runs this hook
+                zeros += int((w == 0).sum())
+                total += w.numel()
+                if self.masks_before_last is not None and name in self.masks_before_last:
+                    mask = layer.mask
+                    if getattr(layer, "sparse_active", True):
+                        flips += int((mask != self.masks_before_last[name]).sum())
+                    entries += mask.numel()
+            self.numbers["sparsity/zero_fraction"] = zeros / total
+            if entries:
+                self.numbers["sparsity/flip_rate"] = flips / entries
+            self.masks_before_last = None
+
     class OneLineModelSummary(ModelSummary):
         """The parameter count in one line, instead of Lightning's table (and its "Total FLOPs: 0")."""
 
@@ -409,6 +457,17 @@ def _make_cli_class(state: Dict[str, Any]):
             run_name = cfg.get("run_name")
             ckpt_path = cfg.get("ckpt_path")
             run_dir = None
+            evaluating = self.subcommand in ("validate", "test")
+            chosen = evaluating and not ckpt_path
+            if chosen:
+                # Evaluating the untrained model a bare `validate` would build is never what was
+                # meant: take the newest checkpoint, as `--ckpt_path last` would, and say so.
+                if run_name is None and runs.latest_run(root) is None:
+                    raise UsageError(
+                        f"nothing to {self.subcommand}: no --ckpt_path given and no run with a checkpoint under "
+                        f"{str(root)!r}; train one first (sparsetrain fit with the same --config), or pass "
+                        "--ckpt_path RUN_DIR|FILE.ckpt")
+                ckpt_path = "last"
             if ckpt_path:
                 ckpt = runs.resolve_checkpoint(str(ckpt_path), root=root, run_name=run_name, what="--ckpt_path")
                 loaded = runs.load_checkpoint(ckpt, what="--ckpt_path")
@@ -422,10 +481,25 @@ def _make_cli_class(state: Dict[str, Any]):
                     raise UsageError(
                         f"{ckpt} was trained with {field}={old!r} but this run has {field}={new!r}; "
                         f"use the same {field} to resume it, or start a new run (without --ckpt_path)")
+                max_steps = cfg.trainer.get("max_steps")
+                if self.subcommand == "fit" and isinstance(step, int) and max_steps is not None \
+                        and 0 <= max_steps <= step:
+                    raise UsageError(
+                        f"{ckpt} is at step {step} and --trainer.max_steps is {max_steps}: nothing left to train; "
+                        f"raise --trainer.max_steps (e.g. --trainer.max_steps {max(2 * step, step + 1)}) to train on")
                 cfg.ckpt_path = str(ckpt)
                 run_dir = runs.run_dir_of(ckpt)
+                state["resumed_own_run"] = run_dir is not None
                 verb = "resuming" if self.subcommand == "fit" else "evaluating"
-                state["ckpt_line"] = f"{verb} {ckpt} (step {step})"
+                why = "; the newest checkpoint: no --ckpt_path was given" if chosen else ""
+                state["ckpt_line"] = f"{verb} {ckpt} (step {step}{why})"
+                if evaluating:
+                    state["evaluated"] = {"checkpoint": str(ckpt), "step": step}
+                    if run_dir is None:
+                        # A checkpoint outside a run directory: evaluated and printed, recorded nowhere
+                        # (a new run directory holding only an evaluation would be a run without training).
+                        run_dir = Path(ckpt).resolve().parent
+                        state["no_record"] = True
             if run_dir is None and _rank() > 0 and os.environ.get(RUN_DIR_ENV):
                 run_dir = Path(os.environ[RUN_DIR_ENV])  # the directory rank 0 chose, not the next free one
             if run_dir is None:
@@ -453,7 +527,13 @@ def _make_cli_class(state: Dict[str, Any]):
             # Lightning's own defaults (logs, profiler output) land in the run directory, not beside it.
             trainer_config["default_root_dir"] = str(run_dir)
             if trainer_config.get("logger") in (None, True):
-                trainer_config["logger"] = CSVLogger(save_dir=str(run_dir), name="logs")
+                if self.subcommand == "fit":
+                    trainer_config["logger"] = CSVLogger(save_dir=str(run_dir), name="logs")
+                else:
+                    # `validate`/`test` results go to the run's evaluations file (`record_evaluation`),
+                    # not to a new logs/version_N: that would hold one step-0 point and hide the
+                    # training curves from `report`.
+                    trainer_config["logger"] = False
             bar = default_progress_bar(trainer_config, extra)
             if bar is not None:
                 extra.append(bar)
@@ -464,13 +544,20 @@ def _make_cli_class(state: Dict[str, Any]):
             summary = RunSummary()
             extra.append(summary)
             state["summary"] = summary
+            if self.subcommand == "fit":
+                final = FinalSparsity()
+                extra.append(final)
+                state["final_sparsity"] = final
             trainer = self._instantiate_trainer(trainer_config, extra)
+            state["own_ckpt_callbacks"] = set()
             for cb in trainer.checkpoint_callbacks:
                 if getattr(cb, "dirpath", None) is None:  # a recipe names no folder: this run's own
                     cb.dirpath = str(run_dir / runs.CKPT_DIR)
+                    state["own_ckpt_callbacks"].add(id(cb))
             if trainer.is_global_zero:
-                print(f"run: {run_dir}" + (" (new)" if state["new_run"] else "")
-                      + (f"; {state['ckpt_line']}" if "ckpt_line" in state else "") + f"; {state['threads_line']}")
+                head = [] if state.get("no_record") else [f"run: {run_dir}" + (" (new)" if state["new_run"] else "")]
+                print("; ".join(head + ([state["ckpt_line"]] if "ckpt_line" in state else [])
+                                + [state["threads_line"]]))
             return trainer
 
     return SparseTrainCLI
@@ -483,6 +570,35 @@ def _rank() -> int:
         if value.isdigit() and int(value) > 0:
             return int(value)
     return 0
+
+
+def _rebase_checkpoint_states(checkpoint: dict, callbacks: list) -> None:
+    """Make a resumed run's `ModelCheckpoint` states name the run's checkpoint folder as it is named now.
+
+    A run started with a relative ``default_root_dir`` saved ``dirpath='runs/x/run_0/checkpoints'``;
+    its resume names the folder by its absolute path (the checkpoint's own directory), and a run
+    directory may have been moved or copied. Lightning compares the two strings, and when they
+    differ it forgets ``last_model_path`` and the top-k files: the resumed run then writes
+    ``last-v1.ckpt`` beside a stale ``last.ckpt`` and warns "The dirpath has changed". The saved
+    paths of files in the old folder are moved to the new name; the folder is the same run's
+    (the caller checks that the checkpoint being resumed lies in it).
+    """
+    states = checkpoint.get("callbacks") or {}
+    for cb in callbacks:
+        saved = states.get(cb.state_key)
+        if not isinstance(saved, dict) or not saved.get("dirpath") or saved["dirpath"] == cb.dirpath:
+            continue
+        old, new = Path(saved["dirpath"]), Path(cb.dirpath)
+
+        def moved(path):
+            return str(new / Path(path).name) if path and Path(path).parent == old else path
+
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if key in saved:
+                saved[key] = moved(saved[key])
+        if isinstance(saved.get("best_k_models"), dict):
+            saved["best_k_models"] = {moved(k): v for k, v in saved["best_k_models"].items()}
+        saved["dirpath"] = cb.dirpath
 
 
 def _data_mismatch(ckpt: dict, data: dict):
@@ -528,6 +644,10 @@ def fit_summary(cli, state: Dict[str, Any]) -> str:
     def fmt(key, spec=".4f"):
         return format(metrics[key], spec) if key in metrics else "n/a"
 
+    # Computed when training ended, whatever the metrics interval (`FinalSparsity`).
+    final = state.get("final_sparsity")
+    if final is not None:
+        metrics.update(final.numbers)
     ckpts = [c for c in run_checkpoints(run_dir) if checkpoint_problem(c) is None]
     summary = state.get("summary")
     wall = (summary.ended - summary.started) if summary is not None and summary.ended else None
@@ -544,6 +664,31 @@ def fit_summary(cli, state: Dict[str, Any]) -> str:
 
         lines.append(f"  export: sparsetrain export --ckpt {shlex.quote(str(run_dir))} --out {shlex.quote(str(out))}")
     return "\n".join(lines)
+
+
+def record_evaluation(cli, state: Dict[str, Any], command: str) -> str:
+    """Append a ``validate``/``test`` result to its run's `runs.EVALUATIONS` file; returns the line to print.
+
+    One JSON object per line: the command, the checkpoint and its step, the metrics, the time.
+    `sparsetrain report` lists them apart from the training curves.
+    """
+    import datetime
+    import json
+
+    from . import runs
+
+    evaluated = state["evaluated"]
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())) or "no metrics"
+    if state.get("no_record"):
+        return f"{command} of {evaluated['checkpoint']} (after {evaluated['step']} steps): {shown} (not recorded: the " \
+               "checkpoint is not in a run directory)"
+    record = {"command": command, "checkpoint": evaluated["checkpoint"], "step": evaluated["step"],
+              "metrics": metrics, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    path = state["run_dir"] / runs.EVALUATIONS
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return f"{command} after {evaluated['step']} steps: {shown}; recorded in {path} (sparsetrain report lists it)"
 
 
 def run_lightning(argv: Sequence[str]):
@@ -572,6 +717,9 @@ def run_lightning(argv: Sequence[str]):
             args=argv,
             # A resumed run writes its config.yaml into its own new logs/version_N.
             save_config_kwargs={"overwrite": True},
+            # An evaluation has no log folder: its config would land in (and overwrite) the run's
+            # directory; `record_evaluation` keeps what it evaluated instead.
+            **({} if cmd == "fit" else {"save_config_callback": None}),
             parser_kwargs={"prog": "sparsetrain", "exit_on_error": False,
                            **{c: {"exit_on_error": False} for c in LIGHTNING_SUBCOMMANDS}},
         )
@@ -582,10 +730,32 @@ def run_lightning(argv: Sequence[str]):
         torch.set_num_threads(threads_before)
     if cmd == "fit" and "run_dir" in state and cli.trainer.is_global_zero:
         print(fit_summary(cli, state))
+    if cmd in ("validate", "test") and "evaluated" in state and cli.trainer.is_global_zero:
+        print(record_evaluation(cli, state, cmd))
     return cli
 
 
 # ---------------------------------------------------------------------------------------- export
+
+def _check_export_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that holds files, unless ``--overwrite`` and it is an earlier export.
+
+    ``--overwrite`` removes the directory first, so it is only accepted for what `export` (or
+    `save_pretrained`) wrote: a directory with ``config.json`` or ``sparsetrain.json``.
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"`--out` {str(out)!r} is a file; give a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    looks_exported = (out / "sparsetrain.json").is_file() or (out / "config.json").is_file()
+    if not overwrite:
+        what = "an earlier export" if looks_exported else "files"
+        raise UsageError(f"`--out` {str(out)!r} already holds {what}; pass --overwrite to replace it, "
+                         "or choose another directory")
+    if not looks_exported:
+        raise UsageError(f"`--out` {str(out)!r} holds files but no earlier export (no config.json or "
+                         "sparsetrain.json), so --overwrite will not delete it; choose another directory")
+
 
 def _export_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
@@ -594,13 +764,20 @@ def _export_main(argv: Sequence[str]) -> int:
     )
     p.add_argument("--ckpt", required=True,
                    help="a run directory (its newest readable checkpoint is used) or a .ckpt written by `sparsetrain fit`")
-    p.add_argument("--out", required=True, help="output directory (created)")
+    p.add_argument("--out", required=True, help="output directory (created; an existing one only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out (a directory with config.json or sparsetrain.json)")
     args = p.parse_args(list(argv))
+    _check_export_dir(Path(args.out), args.overwrite)
     from transformers.utils import logging as hf_logging
 
     from .hub import export_summary
 
     hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar says nothing
+    if args.overwrite and Path(args.out).is_dir():
+        # Emptied, not written over: files of the earlier model (other shards, an index) would
+        # otherwise stay beside the new ones and be loaded with them.
+        shutil.rmtree(args.out)
     info = export_checkpoint(args.ckpt, args.out)  # errors: one line, from `main`
     print(export_summary(info, args.out))
     return 0
@@ -632,7 +809,10 @@ def _user_error(e: BaseException) -> Optional[str]:
     if isinstance(e, RuntimeError) and "state_dict" in str(e):  # size mismatch while loading weights
         lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
         return "the checkpoint does not fit this model: " + " ".join(lines[:2])
-    if isinstance(e, (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)):
+    # ConnectionError: a dataset or tokenizer that cannot be fetched; the message names it and the
+    # offline alternatives (`data.sources`), a traceback adds nothing.
+    if isinstance(e, (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError,
+                      ConnectionError)):
         text = str(e).strip() or type(e).__name__
         return " ".join(l.strip() for l in text.splitlines()[:2])
     return None

@@ -201,5 +201,9 @@ def export_summary(info: dict, out_dir) -> str:
     else:
         what = "dense model"
     tok = f"tokenizer {meta['tokenizer']}" if meta["tokenizer"] else "no tokenizer"
-    return (f"Exported step {info['global_step']} to {out_dir} ({what}; {tok}). Load it with "
-            f"transformers.AutoModelForCausalLM.from_pretrained({str(out_dir)!r}) and AutoTokenizer.from_pretrained")
+    where = repr(str(out_dir))
+    load = f"AutoModelForCausalLM.from_pretrained({where})"
+    if meta["tokenizer"]:
+        load += f", AutoTokenizer.from_pretrained({where})"
+    return (f"Exported step {info['global_step']} to {out_dir} ({what}; {tok}).\n"
+            f"Load it with transformers: {load}")

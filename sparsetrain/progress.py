@@ -62,14 +62,35 @@ def default_progress_bar(trainer_config: dict, extra: list) -> Optional[Any]:
     if any(isinstance(c, ProgressBar) for c in given):
         return None
 
+    class CountSteps:
+        """On an endless stream bounded by ``max_steps``, count optimizer steps out of ``max_steps``.
+
+        Lightning counts the batches of the epoch (restored on resume) against the steps left, so a
+        run resumed at step 500 of 550 reads "550/49". Here the count is the global step and the
+        total ``max_steps``, the same before and after a resume (and with gradient accumulation).
+        """
+
+        def _counts_steps(self) -> bool:
+            t = self.trainer
+            return bool(t.max_steps and t.max_steps > 0 and t.num_training_batches == float("inf"))
+
+        @property
+        def total_train_batches(self):
+            return self.trainer.max_steps if self._counts_steps() else super().total_train_batches
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            # The bars show ``batch_idx + 1`` as done: hand them the step count instead.
+            done = trainer.global_step - 1 if self._counts_steps() else batch_idx
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, done)
+
     if not _RICH_AVAILABLE:
-        class ShortTQDMProgressBar(TQDMProgressBar):
+        class ShortTQDMProgressBar(CountSteps, TQDMProgressBar):
             def get_metrics(self, trainer, pl_module):
                 return bar_metrics(super().get_metrics(trainer, pl_module))
 
         return ShortTQDMProgressBar()
 
-    class StepsRichProgressBar(RichProgressBar):
+    class StepsRichProgressBar(CountSteps, RichProgressBar):
         def get_metrics(self, trainer, pl_module):
             return bar_metrics(super().get_metrics(trainer, pl_module))
 

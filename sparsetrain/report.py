@@ -16,6 +16,11 @@ table's ``log`` column says which. ``--merge-versions`` reads all of them instea
 a later version's value replacing an earlier one's at the same step (a run resumed into a new
 ``version_N``).
 
+Only training logs are curves: a ``metrics.csv`` with no ``train/loss`` value beside others that
+have one was written by ``sparsetrain validate`` / ``test`` before their results were recorded apart
+(a single step-0 point), and is skipped. ``validate`` / ``test`` results are read from the run's
+``evaluations.jsonl`` and listed below the table, with the step of the checkpoint they evaluated.
+
 "Final" means the last logged value of each metric. The gap is this run's validation loss minus the
 dense run's, at the last step where both were validated.
 """
@@ -63,6 +68,8 @@ class Run:
     label: str
     logs: list[Path]
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    evaluations: list[dict] = field(default_factory=list)  # `sparsetrain validate` / `test` records
+    skipped: list[Path] = field(default_factory=list)  # logs without training rows
 
     def last(self, key: str) -> Optional[float]:
         s = self.series.get(key)
@@ -102,7 +109,32 @@ def find_logs(run_dir: str, merge_versions: bool = False) -> list[Path]:
             "lightning.pytorch.loggers.CSVLogger, as the recipes do"
         )
     order = sorted(found, key=lambda f: (_version_of(f, p), f.stat().st_mtime_ns, str(f)))
+    training = [f for f in order if _has_training_rows(f)]
+    if training:
+        order = training
     return order if merge_versions else [order[-1]]
+
+
+def _has_training_rows(path: Path) -> bool:
+    """Whether a CSV log holds a ``train/loss`` value (an evaluation-only log does not)."""
+    try:
+        with open(path, newline="") as f:
+            return any(row.get(TRAIN_LOSS) for row in csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return True  # not ours to judge here: `read_metrics` reports what is wrong with it
+
+
+def find_evaluations(log: Path, top: Path) -> list[dict]:
+    """The ``evaluations.jsonl`` records of the run ``log`` belongs to (searched from ``log`` up to ``top``)."""
+    from .runs import EVALUATIONS, read_evaluations
+
+    top = top.resolve()
+    for folder in log.resolve().parents:
+        if (folder / EVALUATIONS).is_file():
+            return read_evaluations(folder)
+        if folder == top or top not in folder.parents:
+            break
+    return []
 
 
 def _number(value: str, path: Path, line: int, column: str) -> float:
@@ -142,7 +174,12 @@ def load_run(run_dir: str, merge_versions: bool = False, label: Optional[str] = 
         raise ReportError(
             f"{str(logs[-1])!r} holds none of {', '.join(KNOWN_METRICS)}; is it a sparsetrain run's log?"
         )
-    return Run(label=label or run_dir, logs=logs, series=series)
+    top = Path(run_dir).expanduser()
+    top = top.parent if top.is_file() else top
+    skipped = [] if not top.is_dir() else sorted(
+        f for f in top.rglob("metrics.csv") if f not in logs and not _has_training_rows(f))
+    return Run(label=label or run_dir, logs=logs, series=series, evaluations=find_evaluations(logs[-1], top),
+               skipped=skipped)
 
 
 def val_gap(run: Run, dense: Run) -> list[tuple[int, float]]:
@@ -159,6 +196,8 @@ def summary(run: Run, dense: Optional[Run] = None) -> dict:
     gap = val_gap(run, dense) if dense is not None else []
     out["val_gap"] = gap[-1][1] if gap else None
     out["val_gap_step"] = gap[-1][0] if gap else None
+    out["evaluations"] = list(run.evaluations)
+    out["skipped_logs"] = [str(p) for p in run.skipped]
     return out
 
 
@@ -179,7 +218,16 @@ def format_table(rows: Sequence[dict]) -> str:
     for c in cells:
         lines.append("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths))))
     for r in rows:
-        lines.append(f"  {r['run']}: read {', '.join(r['log'])}")
+        skipped = r.get("skipped_logs") or []
+        note = f"; skipped {', '.join(skipped)} (no training rows: an evaluation)" if skipped else ""
+        lines.append(f"  {r['run']}: read {', '.join(r['log'])}{note}")
+    evaluated = [(r["run"], e) for r in rows for e in r.get("evaluations") or []]
+    if evaluated:
+        lines.append("evaluations (sparsetrain validate / test; not part of the curves):")
+        for label, e in evaluated:
+            numbers = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(e["metrics"].items()))
+            ckpt = Path(str(e.get("checkpoint", "?"))).name
+            lines.append(f"  {label}: {e.get('command', '?')} of {ckpt} (after {_fmt(e.get('step'))} steps): {numbers}")
     return "\n".join(lines)
 
 
@@ -216,9 +264,9 @@ def plot(runs: Sequence[Run], dense: Optional[Run], out: Path) -> Path:
                 ax_gap.plot(s, v, color=color, marker="o", label=name)
     ax_loss.set(title="loss", xlabel="step", ylabel="cross-entropy (nats/token)")
     ax_gap.set(title="val loss gap to dense", xlabel="step", ylabel="val/loss - dense val/loss")
-    if dense is None:
-        ax_gap.text(0.5, 0.5, "no dense run given\n(--dense RUN_DIR)", ha="center", va="center",
-                    transform=ax_gap.transAxes, color="gray")
+    if dense is None or not dense.series.get(VAL_LOSS):
+        note = "no dense run given\n(--dense RUN_DIR)" if dense is None else "the dense run logged no val/loss"
+        ax_gap.text(0.5, 0.5, note, ha="center", va="center", transform=ax_gap.transAxes, color="gray")
     else:
         ax_gap.axhline(0.0, color="black", linewidth=0.8)
     ax_flip.set(title="mask flip rate", xlabel="step", ylabel="fraction of mask entries changed per step")
@@ -268,7 +316,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ReportError, OSError, ValueError) as e:
         return _fail(str(e))
     if dense is not None and not dense.series.get(VAL_LOSS):
-        return _fail(f"--dense {args.dense!r} logged no val/loss, so there is no gap to draw")
+        # The other panels are still worth drawing; the gap panel says why it is empty.
+        print(f"sparsetrain report: note: --dense {args.dense!r} logged no val/loss (it never validated), "
+              "so the val gap is left out", file=sys.stderr)
     rows = [summary(r, dense) for r in runs]
     if dense is not None:
         rows.append(summary(dense) | {"run": f"{dense.label} (dense)"})

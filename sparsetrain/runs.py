@@ -7,6 +7,7 @@ A run lives in its own directory under the recipe's ``trainer.default_root_dir``
         checkpoints/*.ckpt            this run's checkpoints (``save_top_k`` counts here)
         logs/version_0/metrics.csv    CSV logs; a resume adds version_1, ...
         logs/version_0/config.yaml    the full config the run was started with
+        evaluations.jsonl             `validate` / `test` results: command, checkpoint, step, metrics
 
 Nothing here imports Lightning; torch only where a checkpoint is read.
 """
@@ -33,10 +34,14 @@ __all__ = [
     "run_dir_of",
     "config_mismatch",
     "closest",
+    "EVALUATIONS",
+    "read_evaluations",
 ]
 
 RUN_PREFIX = "run_"
 CKPT_DIR = "checkpoints"
+# `sparsetrain validate` / `test` results of a run, one JSON object per line (see `read_evaluations`).
+EVALUATIONS = "evaluations.jsonl"
 
 # Fields of `CausalLMModule` that fix the shape of the model's parameters: a checkpoint cannot be
 # loaded into a model built with other values. (`vocab_size` follows the data's tokenizer when the
@@ -110,6 +115,27 @@ def run_dir_of(ckpt: Path) -> Optional[Path]:
     """The run directory a checkpoint belongs to (``RUN/checkpoints/x.ckpt`` -> ``RUN``), else None."""
     ckpt = Path(ckpt).resolve()
     return ckpt.parent.parent if ckpt.parent.name == CKPT_DIR else None
+
+
+def read_evaluations(run_dir: Path) -> List[Dict[str, Any]]:
+    """The `validate` / `test` records of a run, oldest first (lines that do not parse are skipped).
+
+    Each is ``{"command", "checkpoint", "step", "metrics": {name: value}, "time"}``.
+    """
+    import json
+
+    path = Path(run_dir) / EVALUATIONS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a killed process
+            continue
+        if isinstance(record, dict) and isinstance(record.get("metrics"), dict):
+            records.append(record)
+    return records
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

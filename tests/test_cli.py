@@ -173,8 +173,10 @@ def test_validate_subcommand_matches_the_logged_val_loss(uninterrupted, tmp_path
     logged = _series(_metrics(run), "val/loss")[7]
     args = _args(tmp_path, cache, "--ckpt_path", str(run))  # a run directory: its newest checkpoint
     assert main(["validate", *args]) == 0
-    validated = [float(r["val/loss"]) for r in _metrics(run) if r.get("val/loss")]
-    assert validated and validated[-1] == pytest.approx(logged, rel=1e-5)
+    # The result is an evaluation of the run (its evaluations.jsonl), not a new training log.
+    (record,) = [json.loads(l) for l in (run / "evaluations.jsonl").read_text().splitlines()]
+    assert record["command"] == "validate" and record["step"] == 8
+    assert record["metrics"]["val/loss"] == pytest.approx(logged, rel=1e-5)
 
 
 def _short_error(capsys) -> str:

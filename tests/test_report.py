@@ -117,6 +117,39 @@ def test_report_reads_the_newest_version_or_merges_them(tmp_path, capsys):
     assert row["train/loss"] == newest["train/loss"] and row["step"] == 29
 
 
+def test_report_skips_evaluation_only_logs_and_lists_evaluations(tmp_path, capsys):
+    # Before evaluations were recorded apart, `sparsetrain validate` added a version_N holding one
+    # step-0 validation row: it must neither replace the training curves nor join them.
+    run = tmp_path / "run"
+    trained = _write_log(run / "logs" / "version_0" / "metrics.csv", steps=20, loss0=6.0, val_every=10)
+    _csv(run / "logs" / "version_1", "epoch,step,val/loss,val/ppl\n0,0,3.25,25.8\n")
+    (run / "evaluations.jsonl").write_text(
+        json.dumps({"command": "test", "checkpoint": str(run / "checkpoints" / "last.ckpt"), "step": 20,
+                    "metrics": {"test/loss": 3.5}, "time": "t"}) + "\n" + '{"command": "validate", "chec\n')
+    js = tmp_path / "r.json"
+    for merge in ([], ["--merge-versions"]):
+        assert main(["report", str(run), *merge, "--out", str(tmp_path / "a.png"), "--json", str(js)]) == 0
+        out = capsys.readouterr().out
+        (row,) = json.loads(js.read_text())
+        assert [Path(p).parent.name for p in row["log"]] == ["version_0"]
+        assert row["step"] == 19 and row["val/loss"] == trained["val/loss"] and row["train/loss"] == trained["train/loss"]
+        assert "version_1" in out and "no training rows" in out
+        # The cut-short second line is skipped, the first listed with its numbers.
+        assert [e["command"] for e in row["evaluations"]] == ["test"]
+        assert f"{run}: test of last.ckpt (after 20 steps): test/loss 3.5" in out
+
+
+def test_report_with_a_dense_run_that_never_validated_draws_the_rest(tmp_path, capsys):
+    _write_log(tmp_path / "s" / "metrics.csv", steps=12, loss0=5.5, val_every=6)
+    _write_log(tmp_path / "d" / "metrics.csv", steps=12, loss0=5.4, val_every=100, sparse=False)
+    png = tmp_path / "r.png"
+    assert main(["report", str(tmp_path / "s"), "--dense", str(tmp_path / "d"), "--out", str(png)]) == 0
+    captured = capsys.readouterr()
+    assert "logged no val/loss" in captured.err and "val gap is left out" in captured.err
+    assert _table_row(captured.out, str(tmp_path / "s"))[3] == "-"
+    assert _png_size(png) == (1200, 800)
+
+
 def test_report_compares_several_runs(tmp_path, capsys):
     a = _write_log(tmp_path / "a" / "metrics.csv", steps=12, loss0=5.5, val_every=6)
     b = _write_log(tmp_path / "b" / "metrics.csv", steps=18, loss0=5.2, val_every=6)

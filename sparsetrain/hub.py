@@ -44,14 +44,6 @@ def nm_violations(weight, n: int, m: int) -> int:
     return int((groups.sum(-1) > n).sum())
 
 
-def _linear_weight(module):
-    """The weight of a `Linear` or GPT-2 `Conv1D` as ``(out, in)``."""
-    from transformers.pytorch_utils import Conv1D
-
-    w = module.weight.detach()
-    return w.t() if isinstance(module, Conv1D) else w  # Conv1D stores (in, out)
-
-
 def sparsity_metadata(hf_model, layer_names: list[str], cfg: Optional[dict], global_step) -> dict:
     """The ``"sparsetrain"`` entry of the exported ``config.json``, measured on the exported weights.
 
@@ -64,12 +56,13 @@ def sparsity_metadata(hf_model, layer_names: list[str], cfg: Optional[dict], glo
     resume must keep (the declared math and schedule fields, `sparsetrain.config.resume_fields`).
     """
     from .config import resume_fields
+    from .targets import layer_weight
 
     cfg = cfg or {"method": "dense", "n": None, "m": None, "targets": None}
     sparse = _is_sparse_method(cfg["method"])
     per_layer, zeros, total = {}, 0, 0
     for name in layer_names if sparse else []:
-        w = _linear_weight(hf_model.get_submodule(name))
+        w = layer_weight(hf_model.get_submodule(name))
         z = int((w == 0).sum())
         per_layer[name] = z / w.numel()
         zeros, total = zeros + z, total + w.numel()
@@ -156,6 +149,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> dict:
     """
     from .checkpoints import load_module_from_checkpoint
     from .nn import export, sparse_layers
+    from .targets import layer_weight
 
     module, ckpt = load_module_from_checkpoint(ckpt_path)
     names = [name.removeprefix("model.") for name, _ in sparse_layers(module)]
@@ -164,7 +158,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> dict:
     if cfg is not None and _is_sparse_method(cfg["method"]):
         n, m = cfg["n"], cfg["m"]
         for name in names:
-            bad = nm_violations(_linear_weight(hf_model.get_submodule(name)), n, m)
+            bad = nm_violations(layer_weight(hf_model.get_submodule(name)), n, m)
             if bad:
                 raise RuntimeError(f"Exported layer {name} breaks {n}:{m} sparsity in {bad} group(s)")
     tokenizer = data_tokenizer_of_checkpoint(ckpt)

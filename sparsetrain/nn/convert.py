@@ -4,69 +4,26 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import warnings
-from typing import Callable, Iterator, List, Tuple
+from typing import List, Tuple
 
 import torch.nn as nn
 
 from ..config import SparsityConfig
-from .linear import SparseLinear, is_conv1d
+from ..targets import layer_weight, select_targets
+from .linear import SparseLinear
 
 __all__ = ["sparsify", "densify", "export", "select_targets", "sparse_layers"]
 
 log = logging.getLogger(__name__)
 
-# Feed-forward layers by the names the common implementations give them:
-#   transformers GPT-2 `h.0.mlp.c_fc` / `mlp.c_proj`; Llama, Mistral, Qwen `mlp.gate_proj|up_proj|down_proj`;
-#   OPT `fc1`/`fc2`; BERT `intermediate.dense` and the block's (not attention's) `output.dense`;
-#   nn.TransformerEncoderLayer / DecoderLayer `linear1`/`linear2`; GPT-NeoX `mlp.dense_h_to_4h` etc.
-_MLP_PARENT = re.compile(r"(^|\.)(mlp|feed_forward|feedforward|ffn|ff|ffwd|intermediate)(\.|$)")
-_MLP_LEAF = re.compile(r"(^|\.)(linear1|linear2|fc1|fc2|c_fc|gate_proj|up_proj|down_proj|w1|w2|w3|wi|wo)$")
-_BERT_FFN_OUT = re.compile(r"(^|\.)layer\.\d+\.output\.dense$")
-# Never swapped by "all": output heads that map to the vocabulary.
-_HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output_projection|classifier|score)$")
 
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Linear) or is_conv1d(module)) and not isinstance(module, SparseLinear)
-
-
-def _is_mlp(name: str) -> bool:
-    return bool(_MLP_PARENT.search(name) or _MLP_LEAF.search(name) or _BERT_FFN_OUT.search(name))
-
-
-def _candidates(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
-    """Linear-like layers whose forward actually runs (nn.MultiheadAttention reads its
-    ``out_proj.weight`` directly, so swapping it would do nothing)."""
-    skip_prefixes = [n + "." for n, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention)]
-    for name, module in model.named_modules():
-        if _is_linear_like(module) and not any(name.startswith(p) for p in skip_prefixes):
-            yield name, module
-
-
-def _embedding_weights(model: nn.Module) -> set:
-    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-
-
-def select_targets(model: nn.Module, targets) -> List[Tuple[str, nn.Module]]:
-    """The ``(name, module)`` pairs ``targets`` selects (see `SparsityConfig.targets`)."""
-    tied = _embedding_weights(model)
-    if callable(targets):
-        chosen: Callable[[str, nn.Module], bool] = lambda n, mod: bool(targets(mod, n))
-    elif targets == "mlp":
-        chosen = lambda n, mod: _is_mlp(n)
-    elif targets == "all":
-        chosen = lambda n, mod: not _HEAD.search(n) and id(mod.weight) not in tied
-    elif isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as e:
-            raise ValueError(f"`targets`={targets!r} is neither 'mlp', 'all' nor a valid regex: {e}") from None
-        chosen = lambda n, mod: bool(pattern.search(n))
-    else:
-        raise TypeError(f"`targets` must be 'mlp', 'all', a regex or a callable, got {targets!r}")
-    return [(n, mod) for n, mod in _candidates(model) if chosen(n, mod)]
+def _not_swappable(model: nn.Module):
+    """``(name, module) -> True`` for linear layers `sparsify` must leave alone: those already
+    swapped, and those inside an ``nn.MultiheadAttention`` (it reads ``out_proj.weight`` directly,
+    so swapping it would do nothing)."""
+    mha = [n + "." for n, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention)]
+    return lambda name, mod: isinstance(mod, SparseLinear) or any(name.startswith(p) for p in mha)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -105,17 +62,17 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> List[str
     config = SparsityConfig() if config is None else config
     if not isinstance(config, SparsityConfig):
         raise TypeError(f"`config` must be a SparsityConfig, got {type(config).__name__}")
-    targets = select_targets(model, config.targets)
+    exclude = _not_swappable(model)
+    targets = list(select_targets(model, config.targets, exclude=exclude)[0].items())
     if not targets:
-        names = [n for n, _ in _candidates(model)][:8]
+        names = list(select_targets(model, lambda mod, name: True, exclude=exclude)[0])[:8]
         raise ValueError(
             f"`targets`={config.targets!r} matched no nn.Linear / Conv1D layer of {type(model).__name__}. "
             f"Its linear layers include: {names or 'none'}"
         )
     swapped, skipped = [], []
     for index, (name, module) in enumerate(targets):
-        # Conv1D stores (in, out); Linear (out, in)
-        in_features, out_features = module.weight.shape if is_conv1d(module) else module.weight.shape[::-1]
+        out_features, in_features = layer_weight(module).shape
         if in_features % config.m != 0:
             skipped.append(f"{name} (in_features={in_features})")
             continue

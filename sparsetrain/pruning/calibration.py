@@ -8,15 +8,16 @@ for 16 or 1024 sequences. Padding tokens, if a batch has any, are counted like t
 
 from __future__ import annotations
 
-import re
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..nn.linear import is_conv1d  # GPT-2 style layers keep their weight transposed ([in, out])
+from ..targets import Targets, is_linear_like, layer_weight, select_targets, set_layer_weight  # noqa: F401
 
-__all__ = ["is_prunable", "layer_weight", "set_layer_weight", "find_blocks", "select_targets", "GramCollector"]
+# Target selection and the Conv1D-aware weight access live in `sparsetrain.targets` (one grammar
+# for `sparsify` and `prune`); re-exported here for the pruning package's callers.
+__all__ = ["layer_weight", "set_layer_weight", "find_blocks", "select_targets", "GramCollector"]
 
 # Attribute paths of the decoder block list in common `transformers` causal LMs; anything else is
 # found by `_largest_block_list`.
@@ -27,29 +28,6 @@ _BLOCK_PATHS = (
     "gpt_neox.layers",  # Pythia
     "transformer.blocks",  # MPT
 )
-
-Targets = Union[None, str, Callable[[nn.Module, str], bool]]
-
-
-def is_prunable(module: nn.Module) -> bool:
-    """True for ``nn.Linear`` and ``transformers``' ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def layer_weight(module: nn.Module) -> torch.Tensor:
-    """The weight in ``nn.Linear`` layout ``[out, in]`` as a float32 copy."""
-    w = module.weight.detach()
-    if is_conv1d(module):
-        w = w.t()  # Conv1D stores [in, out]
-    return w.float().clone()
-
-
-def set_layer_weight(module: nn.Module, w: torch.Tensor) -> None:
-    """Write ``w`` (``[out, in]``) back into the layer, in its own layout and dtype."""
-    if is_conv1d(module):
-        w = w.t()
-    with torch.no_grad():
-        module.weight.copy_(w.to(module.weight.dtype))
 
 
 def _get_path(model: nn.Module, path: str) -> Optional[nn.Module]:
@@ -69,7 +47,7 @@ def _largest_block_list(model: nn.Module) -> Optional[nn.ModuleList]:
             continue
         if len({type(c) for c in mod}) != 1:
             continue
-        count = sum(1 for c in mod for s in c.modules() if is_prunable(s))
+        count = sum(1 for c in mod for s in c.modules() if is_linear_like(s))
         if count > best_count:
             best, best_count = mod, count
     return best
@@ -92,61 +70,6 @@ def find_blocks(model: nn.Module) -> Optional[Tuple[str, nn.ModuleList]]:
             name = next(n for n, m in model.named_modules() if m is mod)
             return name, mod
     return None
-
-
-def _tied_to_embedding(model: nn.Module, module: nn.Module) -> bool:
-    return any(isinstance(e, nn.Embedding) and e.weight is module.weight for e in model.modules())
-
-
-def select_targets(
-    model: nn.Module, targets: Targets, within: Optional[str]
-) -> Tuple[Dict[str, nn.Module], List[Tuple[str, str]]]:
-    """Pick the layers to prune.
-
-    Args:
-        model: the model.
-        targets: ``None`` (every Linear/Conv1D inside the decoder blocks; without blocks, every one
-            except ``lm_head`` and layers tied to an embedding), a regex matched with
-            ``re.search`` against qualified names, or a callable ``(module, name) -> bool``.
-        within: qualified name of the block list, or ``None``.
-
-    Returns:
-        ``(name -> module in model order, [(name, reason) skipped])``: layers a filter selected
-        but that cannot be pruned in block order are listed as skipped, never dropped silently.
-    """
-    if targets is not None and not isinstance(targets, str) and not callable(targets):
-        raise TypeError(
-            f"`targets` must be None, a regex string or a callable (module, name) -> bool, got {targets!r}"
-        )
-    pattern = None
-    if isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as err:
-            raise ValueError(f"`targets`={targets!r} is not a valid regular expression: {err}") from None
-    chosen: Dict[str, nn.Module] = {}
-    skipped: List[Tuple[str, str]] = []
-    prefix = within + "." if within else None
-    for name, mod in model.named_modules():
-        if not is_prunable(mod):
-            continue
-        inside = prefix is None or name.startswith(prefix)
-        if targets is None:
-            if prefix is not None:
-                ok = inside
-            else:
-                ok = name.split(".")[-1] != "lm_head" and not _tied_to_embedding(model, mod)
-        elif pattern is not None:
-            ok = pattern.search(name) is not None
-        else:
-            ok = bool(targets(mod, name))
-        if not ok:
-            continue
-        if not inside:
-            skipped.append((name, f"outside the decoder blocks `{within}`, which are pruned one by one"))
-            continue
-        chosen[name] = mod
-    return chosen, skipped
 
 
 class GramCollector:

@@ -219,7 +219,8 @@ def _set_pruned_metadata(model, report, args) -> None:
     """Replace the ``"sparsetrain"`` entry of the model's config (a `sparsetrain export` carries the
     training run's) with one that describes the pruned weights: the pruning method, the pruned
     layers and their zero fractions, measured on the weights about to be saved."""
-    from ..hub import METADATA_KEY, _linear_weight, nm_violations, sparsity_metadata
+    from ..hub import METADATA_KEY, nm_violations, sparsity_metadata
+    from ..targets import layer_weight
 
     previous = getattr(model.config, METADATA_KEY, None)
     names = [layer.name for layer in report.layers]
@@ -227,7 +228,7 @@ def _set_pruned_metadata(model, report, args) -> None:
                                             "targets": args.targets or "every Linear/Conv1D in the decoder blocks"},
                              None)
     meta["nm_verified"] = bool(names) and all(
-        nm_violations(_linear_weight(model.get_submodule(nm)), args.n, args.m) == 0 for nm in names)
+        nm_violations(layer_weight(model.get_submodule(nm)), args.n, args.m) == 0 for nm in names)
     meta["global_step"] = (previous or {}).get("global_step")  # of the training run, if it said
     meta["tokenizer"] = (previous or {}).get("tokenizer")
     meta["pruned_from"] = str(args.model)

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..config import check_nm
+from ..ops.nm import check_nm
 from ..ops.transposable import transposable_mask
 from .calibration import (
     GramCollector,
@@ -322,7 +322,7 @@ def prune(
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
 
     blocks = find_blocks(model)
-    chosen, skipped = select_targets(model, targets, blocks[0] if blocks else None)
+    chosen, skipped = select_targets(model, targets, within=blocks[0] if blocks else None)
     if not chosen:
         where = f" inside the decoder blocks `{blocks[0]}`" if blocks else ""
         raise ValueError(f"`targets`={targets!r} matched no nn.Linear / Conv1D layer{where} of {type(model).__name__}")
@@ -347,7 +347,7 @@ def prune(
 
     def prune_one(name: str, mod: nn.Module, h: torch.Tensor, tokens: int) -> None:
         t0 = time.perf_counter()
-        w = layer_weight(mod)  # (out, in) float32
+        w = layer_weight(mod).float().clone()  # (out, in) float32, kept apart from the layer it rewrites
         diag = h.diagonal()
         # Wanda-style normalisation; an input that is always zero keeps scale 1 (its H row is 0).
         d = torch.where(diag > 0, diag.clamp_min(0).sqrt(), torch.ones_like(diag))

@@ -5,6 +5,7 @@
     sparsetrain fit      --config recipes/tiny-s-ste.yaml [--trainer.max_steps 50 ...] [--run_name NAME]
     sparsetrain fit      --config recipes/tiny-s-ste.yaml --ckpt_path last      (resume the newest run)
     sparsetrain validate --config recipes/tiny-s-ste.yaml --ckpt_path runs/tiny-s-ste/run_0
+    sparsetrain test     --config recipes/tiny-s-ste.yaml   (no --ckpt_path: the newest run's checkpoint)
     sparsetrain export   --ckpt runs/tiny-s-ste/run_0 --out exported/tiny-s-ste
     sparsetrain prune    ...                     (one-shot pruning; see `sparsetrain prune --help`)
 
@@ -20,7 +21,8 @@ Runs (see `sparsetrain.runs`): every ``fit`` writes into its own directory
 ``{trainer.default_root_dir}/{run_name}`` (``run_N`` by default): checkpoints, CSV logs and the
 config. ``--ckpt_path`` takes a ``.ckpt``, a run directory (its newest readable checkpoint) or
 ``last`` (the newest checkpoint of ``--run_name``, else of the run that wrote one last) and resumes
-into that run's directory. A user error is one or two lines on stderr (exit code 2); ``--debug`` or
+into that run's directory. ``validate``/``test`` append their result to the run's
+``evaluations.jsonl`` (`record_evaluation`). A user error is one or two lines on stderr (exit code 2); ``--debug`` or
 ``SPARSETRAIN_DEBUG=1`` shows the traceback instead.
 """
 

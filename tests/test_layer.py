@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from sparsetrain import SparseLinear, SparsityConfig
+from sparsetrain.nn._packing import pack_mask
 
 from reference import loop_mask, loop_soft
 
@@ -145,24 +146,19 @@ def test_state_dict_layout_maps_back_to_linear():
     other = SparseLinear(16, 6, config=SparsityConfig(method="s-ste"), dtype=torch.float64)
     other.load_state_dict(sd)
     assert torch.equal(other.beta, layer.beta) and torch.equal(other.effective_weight(), layer.effective_weight())
-    # a checkpoint from before 0.2 (with a full bool `mask` buffer) still loads strictly
-    legacy = dict(sd, mask=torch.ones(6, 16, dtype=torch.bool))
-    other.load_state_dict(legacy)
-    assert torch.equal(other.effective_weight(), layer.effective_weight())
 
 
-def test_transposable_mask_is_stored_packed_and_legacy_masks_load():
+def test_transposable_mask_is_stored_packed():
     cfg = SparsityConfig(method="ste", transposable=True)
     layer = SparseLinear(16, 8, config=cfg)
     sd = layer.state_dict()
     assert set(sd) == {"weight", "bias", "beta", "mask_packed"}
     assert sd["mask_packed"].dtype == torch.uint8 and sd["mask_packed"].numel() == 16 * 8 // 8  # 1 bit per weight
-    # A 0.1 checkpoint's bool mask becomes the packed one: the layer then uses exactly that mask.
+    # A loaded mask is used as it is: a pattern no solver would pick proves it was not recomputed.
     old_mask = torch.zeros(8, 16, dtype=torch.bool)
-    old_mask[:, ::2] = True  # a pattern no solver would pick: proves it was loaded, not recomputed
-    legacy = {"weight": sd["weight"], "bias": sd["bias"], "beta": sd["beta"], "mask": old_mask}
+    old_mask[:, ::2] = True
     other = SparseLinear(16, 8, config=cfg)
-    other.load_state_dict(legacy)
+    other.load_state_dict(dict(sd, mask_packed=pack_mask(old_mask)))
     assert torch.equal(other.mask, old_mask)
     assert torch.equal(other.effective_weight(), sd["weight"] * old_mask)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, List, Optional
 
 import lightning.pytorch as pl
@@ -56,11 +57,6 @@ class SparseTraining(Callback):
         """True once training has switched to dense fine-tuning."""
         return self.engine is not None and self.engine.phase == "dense" and self.config.sparse
 
-    @property
-    def last_metrics(self) -> Dict[str, float]:
-        """The metrics of the last optimizer step."""
-        return dict(self.engine.metrics) if self.engine is not None else {}
-
     # ------------------------------------------------------------------------------ lifecycle
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if self.engine is not None and self.engine.model is pl_module:
@@ -77,13 +73,13 @@ class SparseTraining(Callback):
         max_steps = trainer.max_steps
         if max_steps is None or max_steps < 0:
             max_steps = int(trainer.estimated_stepping_batches)
-        engine.step = trainer.global_step  # the trainer's count is the truth (also for 0.1 checkpoints)
         optimizers = [opt for opt in trainer.optimizers if _holds_any(opt, engine)]
         if len(optimizers) != 1:
             raise ValueError(
                 f"SparseTraining needs exactly one optimizer holding the sparse layers' weights, found {len(optimizers)}."
             )
-        engine.attach(optimizers[0], max_steps=max(1, max_steps))
+        # The trainer's step count is the truth (a checkpoint may hold no callback state).
+        engine.attach(optimizers[0], max_steps=max(1, max_steps), step=trainer.global_step)
         self._logged_step = engine.metrics_step
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -103,6 +99,11 @@ class SparseTraining(Callback):
                               rank_zero_only=True)
 
     # ------------------------------------------------------------------------------ checkpoint
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+        # The config rebuilds the sparse layers when the checkpoint is exported or loaded outside
+        # the run that wrote it (`sparsetrain.hub`, the CLI's resume check).
+        checkpoint["sparsity_config"] = dataclasses.asdict(self.config)
+
     def state_dict(self) -> Dict[str, Any]:
         return self.engine.state_dict() if self.engine is not None else {}
 

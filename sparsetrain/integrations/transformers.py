@@ -60,7 +60,7 @@ class SparseTrainerCallback(TrainerCallback):
             return
         self._begun = True
         engine = self.sparsifier
-        if state.global_step > 0 and not engine._restored:
+        if state.global_step > 0 and engine.step != state.global_step:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
             if os.path.exists(path):
                 engine.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -71,12 +71,10 @@ class SparseTrainerCallback(TrainerCallback):
                     f"before `train()` to check the config too.",
                     stacklevel=2,
                 )
-                engine._restored = True  # beta and masks came back with the model's weights: keep them
-                engine._started = False
-        engine.step = state.global_step
+                engine.resume(state.global_step)  # beta and masks came back with the model's weights: keep them
         if args.logging_steps and args.logging_steps >= 1 and float(args.logging_steps).is_integer():
             engine.metrics_every = int(args.logging_steps)  # metrics cost a projection: at logging steps only
-        engine.attach(self._optimizer, max_steps=self._max_steps)
+        engine.attach(self._optimizer, max_steps=self._max_steps, step=state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

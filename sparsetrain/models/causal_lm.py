@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -270,15 +269,3 @@ class CausalLMModule(L.LightningModule):
             opt, lambda step: warmup_cosine_lr(step, hp.lr, hp.min_lr, hp.warmup_steps, decay_steps) / hp.lr
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    # ------------------------------------------------------------------------------ checkpoint
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The sparsity config rebuilds the swapped layers when a checkpoint is exported or loaded
-        # outside the run that wrote it (the callback's own state holds only method, n and m).
-        from ..callbacks import SparseTraining
-
-        if self._trainer is not None:
-            for cb in self.trainer.callbacks:
-                if isinstance(cb, SparseTraining):
-                    checkpoint["sparsity_config"] = dataclasses.asdict(cb.config)

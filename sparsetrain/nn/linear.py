@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -63,6 +63,45 @@ _NEEDS_ENGINE = {
 _WARNED_NO_ENGINE: set = set()
 
 
+def engine_rules(config: SparsityConfig) -> List[str]:
+    """The keys of `_NEEDS_ENGINE` that ``config`` switches on (its per-step rules)."""
+    on = (("sr-ste", config.method == "sr-ste" and config.srste_decay > 0),
+          ("masked_decay", bool(config.masked_decay)),
+          ("transposable", config.transposable),
+          ("dense_finetune_from", config.dense_finetune_from is not None),
+          ("dense_warmup", config.dense_warmup is not None),
+          ("threshold_ramp", config.threshold_ramp is not None),
+          ("decay_ramp", config.decay_ramp is not None),
+          ("flip_moments", config.flip_moments is not None),
+          ("prune_at", config.prune_at is not None))
+    return [key for key, needed in on if needed]
+
+
+def _warn_without_engine(config: SparsityConfig) -> None:
+    for key in engine_rules(config):
+        if key not in _WARNED_NO_ENGINE:
+            _WARNED_NO_ENGINE.add(key)
+            warnings.warn(
+                f"{_NEEDS_ENGINE[key]}. Attach the engine: `sparsity = sparsetrain.Sparsifier(model, cfg); "
+                f"sparsity.attach(optimizer)` (or use the SparseTraining / SparseTrainerCallback adapters).",
+                stacklevel=3,
+            )
+
+
+def _backend_for(config: SparsityConfig, weight: torch.Tensor, dtype: torch.dtype, sparse: bool) -> str:
+    """The backend of a layer's matmul for a compute dtype (`SparseLinear` caches the answer)."""
+    if not sparse or config.backend == "dense":
+        return "dense"
+    if (config.n, config.m) != (2, 4):
+        if config.backend == "cusparselt":
+            raise ValueError(f"`backend`='cusparselt' runs 2:4 only, got {config.n}:{config.m}. Use 'auto' or 'dense'.")
+        return "dense"
+    # FP8 runs the sparse GEMM in e4m3, whose shape rules are stricter (multiples of 32); it
+    # returns bf16/fp16, so a float32 input is judged (and refused) as float32.
+    fp8_ok = config.fp8 and dtype in (torch.float16, torch.bfloat16)
+    return backends.select_backend(config.backend, weight, torch.float8_e4m3fn if fp8_ok else dtype)[0]
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """True for `transformers`' ``Conv1D`` (GPT-2's linear layer that stores W^T as ``[in, out]``)."""
     try:
@@ -80,6 +119,24 @@ def _next_default_seed() -> int:
     under `torch.manual_seed`, and drawn without advancing the global generator (so sparsifying
     a model leaves the data order and dropout of a seeded run as they were)."""
     return (torch.initial_seed() + 7919 * (next(_LAYERS_BUILT) + 1)) % (2**31 - 1)
+
+
+def _plain_layer(w: torch.Tensor, bias: Optional[torch.Tensor], conv1d: bool, requires_grad: bool) -> nn.Module:
+    """An `nn.Linear` holding ``w`` ``[out, in]`` (or a `transformers` ``Conv1D`` holding its transpose)."""
+    out_f, in_f = w.shape
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        out = Conv1D(out_f, in_f)
+        out.to(device=w.device, dtype=w.dtype)
+        out.weight.data = w.t().contiguous()
+    else:
+        out = nn.Linear(in_f, out_f, bias=bias is not None, device=w.device, dtype=w.dtype)
+        out.weight.data = w
+    if bias is not None:
+        out.bias.data = bias.clone()
+    out.weight.requires_grad_(requires_grad)
+    return out
 
 
 class SparseLinear(nn.Linear):
@@ -130,7 +187,7 @@ class SparseLinear(nn.Linear):
                 "mask_packed", torch.full((packed_numel(out_features * in_features),), 255, device=device, dtype=torch.uint8)
             )
         # Plain attributes: they steer Python control flow (torch.compile guards on them).
-        self.sparse_active = config.sparse
+        self._sparse = config.sparse  # the phase: False while an engine trains this layer dense
         self.source = "linear"  # or "conv1d": what `to_dense`/`export` give back
         self.seed = config.seed if config.seed is not None else _next_default_seed()
         self._beta_ready = False  # a Python flag, so the forward never syncs on the beta buffer
@@ -138,11 +195,10 @@ class SparseLinear(nn.Linear):
         self.backend_name = "dense"
         self._backend_key = None  # (device, dtype) the backend was chosen for
         self._backend_cache: dict = {}
-        self._mask_version = 0  # bumps when beta or a transposable mask changes (keys the cache)
-        self._rank = 0  # data-parallel rank: MVUE draws differ between ranks
-        self._gen_seed: Optional[int] = None  # set by `reseed`; None: `seed` itself
-        self.engine_attached = False  # set by `sparsetrain.Sparsifier`
-        self.ramp = 1.0  # S-STE's threshold ramp in [0, 1], set by the engine each step (1: plain S-STE)
+        self._state_version = 0  # bumps whenever W~ may change other than through the weight (keys the cache)
+        self._gen_seed: Optional[int] = None  # set by `set_step_state`; None: `seed` itself
+        self.engine_attached = False  # True once a `sparsetrain.Sparsifier` owns this layer
+        self._ramp = 1.0  # S-STE's threshold ramp in [0, 1] (1: plain S-STE)
         self.reset_sparsity_state()
 
     # ----------------------------------------------------------------------------------- build
@@ -173,7 +229,6 @@ class SparseLinear(nn.Linear):
         if config.transposable:
             layer.mask_packed = torch.full((packed_numel(out_f * in_f),), 255, device=weight.device, dtype=torch.uint8)
         layer.source = source
-        layer.ramp = 1.0
         layer.reset_sparsity_state()
         return layer
 
@@ -184,7 +239,7 @@ class SparseLinear(nn.Linear):
         under FSDP2, where this rank holds only some rows of the weight)."""
         if self.weight.is_meta:
             return
-        self._mask_version += 1  # W~ may change (beta, mask): a cached compressed W~ is stale
+        self._state_version += 1  # W~ may change (beta, mask): a cached compressed W~ is stale
         with torch.no_grad():
             if self.config.method == "s-ste":
                 if beta is None:
@@ -193,6 +248,35 @@ class SparseLinear(nn.Linear):
                 self._beta_ready = True
             if self.config.transposable:
                 self.refresh_transposable_mask()
+
+    def set_step_state(self, *, sparse: bool, ramp: float = 1.0, step: int = 0, rank: int = 0) -> None:
+        """The per-step state an engine sets before each step: the phase, S-STE's threshold ramp
+        and the MVUE seed of ``(seed, rank, step)`` (draws distinct per data-parallel rank, and a
+        resume needs only the step).
+
+        Args:
+            sparse: False trains the dense W (a dense warm-up or fine-tuning phase).
+            ramp: S-STE's threshold ramp in [0, 1] (1: plain S-STE).
+            step: optimizer steps taken; rank: this process's data-parallel rank.
+        """
+        sparse = bool(sparse) and self.config.sparse
+        ramp = float(ramp)
+        if sparse != self._sparse or ramp != self._ramp:
+            self._state_version += 1  # W~ changes with the phase and the ramp: a cached W~ is stale
+        self._sparse, self._ramp = sparse, ramp
+        self._gen_seed = mix_seed(self.seed, rank, step)
+        for gen in self._generators.values():
+            gen.manual_seed(self._gen_seed)
+
+    @property
+    def sparse_active(self) -> bool:
+        """False while training dense (the engine's dense warm-up / fine-tuning, or ``method="dense"``)."""
+        return self._sparse
+
+    @property
+    def ramp(self) -> float:
+        """S-STE's threshold ramp in [0, 1] of the current step (1: plain S-STE)."""
+        return self._ramp
 
     # ----------------------------------------------------------------------------------- masks
     @property
@@ -218,7 +302,7 @@ class SparseLinear(nn.Linear):
         if cfg.transposable:
             mask = unpack_mask(self.mask_packed, weight.shape)
             return weight * mask, mask
-        w_eff, mask = masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta(), ramp=self.ramp)
+        w_eff, mask = masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta(), ramp=self._ramp)
         return w_eff, mask
 
     # ----------------------------------------------------------------------------------- forward
@@ -234,7 +318,7 @@ class SparseLinear(nn.Linear):
         return self.beta
 
     def _method(self) -> str:
-        return self.config.method if self.sparse_active else "dense"
+        return self.config.method if self._sparse else "dense"
 
     def _weight_autograd(self) -> torch.Tensor:
         cfg = self.config
@@ -248,7 +332,7 @@ class SparseLinear(nn.Linear):
             cfg.m,
             beta=self._beta(),
             fixed_mask=unpack_mask(self.mask_packed, self.weight.shape) if cfg.transposable else None,
-            ramp=self.ramp,
+            ramp=self._ramp,
         )
 
     def effective_weight(self) -> torch.Tensor:
@@ -261,13 +345,12 @@ class SparseLinear(nn.Linear):
                 return weight
             cfg = self.config
             fixed = unpack_mask(self.mask_packed, weight.shape) if cfg.transposable else None
-            return masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta(), fixed, need_mask=False, ramp=self.ramp)[0]
+            return masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta(), fixed, need_mask=False, ramp=self._ramp)[0]
 
     def generator(self, device: torch.device) -> torch.Generator:
         """This layer's MVUE generator on ``device`` (seeded from ``seed``; created on first use).
 
-        An engine re-seeds it every optimizer step from ``(seed, rank, step)`` (`reseed`), so the
-        draws are distinct per rank and a resume needs only the step."""
+        An engine re-seeds it every optimizer step from ``(seed, rank, step)`` (`set_step_state`)."""
         key = str(device)
         gen = self._generators.get(key)
         if gen is None:
@@ -276,65 +359,25 @@ class SparseLinear(nn.Linear):
             self._generators[key] = gen
         return gen
 
-    def reseed(self, step: int, rank: int = 0) -> None:
-        """Seed this layer's MVUE generators for optimizer step ``step`` on data-parallel ``rank``."""
-        self._rank = rank
-        self._gen_seed = mix_seed(self.seed, rank, step)
-        for gen in self._generators.values():
-            gen.manual_seed(self._gen_seed)
-
-    def _warn_without_engine(self) -> None:
-        cfg = self.config
-        needs = [key for key, on in (("sr-ste", cfg.method == "sr-ste" and cfg.srste_decay > 0),
-                                     ("masked_decay", bool(cfg.masked_decay)),
-                                     ("transposable", cfg.transposable),
-                                     ("dense_finetune_from", cfg.dense_finetune_from is not None),
-                                     ("dense_warmup", cfg.dense_warmup is not None),
-                                     ("threshold_ramp", cfg.threshold_ramp is not None),
-                                     ("decay_ramp", cfg.decay_ramp is not None),
-                                     ("flip_moments", cfg.flip_moments is not None),
-                                     ("prune_at", cfg.prune_at is not None)) if on]
-        for key in needs:
-            if key not in _WARNED_NO_ENGINE:
-                _WARNED_NO_ENGINE.add(key)
-                warnings.warn(
-                    f"{_NEEDS_ENGINE[key]}. Attach the engine: `sparsity = sparsetrain.Sparsifier(model, cfg); "
-                    f"sparsity.attach(optimizer)` (or use the SparseTraining / SparseTrainerCallback adapters).",
-                    stacklevel=3,
-                )
-
     def _choose_backend(self, x: torch.Tensor, sparse: bool) -> str:
         """The backend for this input's device and compute dtype (decided once per pair)."""
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         key = (x.device, dtype, sparse)
         if key != self._backend_key:
-            cfg = self.config
-            if not sparse or cfg.backend == "dense":
-                name = "dense"
-            elif (cfg.n, cfg.m) != (2, 4):
-                if cfg.backend == "cusparselt":
-                    raise ValueError(f"`backend`='cusparselt' runs 2:4 only, got {cfg.n}:{cfg.m}. Use 'auto' or 'dense'.")
-                name = "dense"
-            else:
-                # FP8 runs the sparse GEMM in e4m3, whose shape rules are stricter (multiples of 32);
-                # it returns bf16/fp16, so a float32 input is judged (and refused) as float32.
-                fp8_ok = cfg.fp8 and dtype in (torch.float16, torch.bfloat16)
-                gemm_dtype = torch.float8_e4m3fn if fp8_ok else dtype
-                name, _ = backends.select_backend(cfg.backend, self.weight, gemm_dtype)
-            self.backend_name, self._backend_key = name, key
+            self.backend_name, self._backend_key = _backend_for(self.config, self.weight, dtype, sparse), key
         return self.backend_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not self.engine_attached and torch.is_grad_enabled():
-            self._warn_without_engine()
+            _warn_without_engine(self.config)
         w = self._weight_autograd()
         bias = self.bias
         sparse = self._method() != "dense"
         mvue = self.config.mvue if sparse else None
         fp8 = self.config.fp8 and sparse
         # Mid threshold-ramp W~ is not N:M yet: only the dense GEMM can take it.
-        backend = self._choose_backend(x, sparse and self.ramp >= 1.0)
+        backend = self._choose_backend(x, sparse and self._ramp >= 1.0)
         if mvue is None and not fp8 and backend == "dense":
             return F.linear(x, w, bias)
         dev = x.device.type
@@ -348,7 +391,7 @@ class SparseLinear(nn.Linear):
             # W~ is compressed once per optimizer step: the cache is keyed by the weight's version,
             # and by the dtype and device W~ is computed in (`.half()` or a new autocast dtype keep
             # the version but need a new compressed weight).
-            self._backend_cache["key"] = (self.weight._version, self._mask_version, w.dtype, w.device)
+            self._backend_cache["key"] = (self.weight._version, self._state_version, w.dtype, w.device)
             kwargs["transposable"] = self.config.transposable
         with torch.autocast(dev, enabled=False):
             return backends.get_backend(backend).linear(x, w, bias, **kwargs)
@@ -365,11 +408,10 @@ class SparseLinear(nn.Linear):
             raise ValueError(
                 f"`transposable=True` needs both weight dims to be multiples of m={cfg.m}, got {tuple(weight.shape)}"
             )
-        score = weight.abs()
-        new = transposable_mask(score.float(), cfg.n, cfg.m, method=cfg.transposable_method)  # the kernel on CUDA
+        new = transposable_mask(weight.abs().float(), cfg.n, cfg.m, method=cfg.transposable_method)  # the kernel on CUDA
         new = new.to(self.mask_packed.device)
         old = unpack_mask(self.mask_packed, weight.shape)
-        self._mask_version += 1
+        self._state_version += 1
         self.mask_packed.copy_(pack_mask(new))
         return int((new != old).sum())
 
@@ -378,20 +420,9 @@ class SparseLinear(nn.Linear):
         """A plain `nn.Linear` (or ``Conv1D`` if this layer came from one, unless ``as_linear``)
         with the dense weight W, or with W~ when ``effective=True`` (what `sparsetrain.export` uses)."""
         w = self.effective_weight() if effective else full_tensor(self.weight.detach())
-        w = w.clone()
-        if self.source == "conv1d" and not as_linear:
-            from transformers.pytorch_utils import Conv1D
-
-            out = Conv1D(self.out_features, self.in_features)
-            out.to(device=w.device, dtype=w.dtype)
-            out.weight.data = w.t().contiguous()
-        else:
-            out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
-            out.weight.data = w
-        if self.bias is not None:
-            out.bias.data = full_tensor(self.bias.detach()).clone()
-        out.weight.requires_grad_(self.weight.requires_grad)
-        return out
+        bias = full_tensor(self.bias.detach()) if self.bias is not None else None
+        return _plain_layer(w.clone(), bias, conv1d=self.source == "conv1d" and not as_linear,
+                            requires_grad=self.weight.requires_grad)
 
     def _apply(self, fn, *args, **kwargs):
         # `.to()`, `.half()`, `.cuda()`: the compressed W~ and the backend choice belong to the old
@@ -401,11 +432,8 @@ class SparseLinear(nn.Linear):
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        legacy = state_dict.pop(prefix + "mask", None)  # checkpoints before 0.2 stored a bool mask
-        if legacy is not None and self.config.transposable and prefix + "mask_packed" not in state_dict:
-            state_dict[prefix + "mask_packed"] = pack_mask(legacy.to(torch.bool))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._mask_version += 1
+        self._state_version += 1
         if self.config.method == "s-ste" and prefix + "beta" in state_dict:
             self._beta_ready = bool(torch.isfinite(self.beta))
         self._backend_cache.clear()  # a cached compressed weight belongs to the old weights
@@ -415,5 +443,5 @@ class SparseLinear(nn.Linear):
         extra = f", mvue={c.mvue}" if c.mvue else ""
         extra += ", transposable" if c.transposable else ""
         extra += ", fp8" if c.fp8 else ""
-        phase = "" if self.sparse_active or not c.sparse else ", dense phase"
+        phase = "" if self._sparse or not c.sparse else ", dense phase"
         return f"{super().extra_repr()}, method={c.method}, {c.n}:{c.m}{extra}, backend={self.backend_name}{phase}"

@@ -1,0 +1,139 @@
+"""The per-step gradient rules, and the few facts about a method the engine needs.
+
+Run once per optimizer step on final (unscaled, clipped) gradients, right before the update:
+
+- the NaN policy: a gradient holding NaN/inf raises, or (``on_nonfinite="skip"``) skips the step;
+- the decays: SR-STE's ``srste_decay * (1 - mask) * W`` and ``masked_decay * (1 - mask) * W``
+  added to the gradient, scaled by the decay ramp;
+- after the update, ``flip_moments``: Adam moments of weights whose mask entry flipped are reset.
+
+The method-specific questions (which decay, whether a beta is taken at the switch) are answered
+here and nowhere else in the engine.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..config import SparsityConfig
+from ..methods import decay_term
+from ..nn.linear import SparseLinear, local_tensor
+from ._dist import ShardSum, nonfinite_flags
+
+__all__ = ["GradientRules", "decay_rate", "needs_step_mask", "initial_betas", "method_metrics"]
+
+Layers = Sequence[Tuple[str, SparseLinear]]
+
+
+def decay_rate(config: SparsityConfig) -> float:
+    """The factor on ``(1 - mask) * W`` added to the gradient each step (before the decay ramp)."""
+    return (config.srste_decay if config.method == "sr-ste" else 0.0) + (config.masked_decay or 0.0)
+
+
+def needs_step_mask(config: SparsityConfig) -> bool:
+    """True when a per-step rule reads the mask of the current weights (decays, ``flip_moments``)."""
+    return bool(decay_rate(config)) or config.flip_moments is not None
+
+
+@torch.no_grad()
+def initial_betas(layers: Layers, config: SparsityConfig, reduce: ShardSum) -> Optional[List[torch.Tensor]]:
+    """S-STE's beta per layer from the weights as they are now, or None for a method without one.
+
+    ``sum <W, S(W)> / sum <S(W), S(W)>``, the sums over all shards (one all-reduce for all layers)."""
+    if config.method != "s-ste":
+        return None
+    from ..ops.nm import soft_threshold
+
+    sums = []
+    for _, layer in layers:
+        w = local_tensor(layer.weight.detach()).float()
+        s = soft_threshold(w, config.n, config.m)
+        sums.append(torch.stack([(w * s).sum(), (s * s).sum()]))
+    sums = reduce(torch.stack(sums))  # (layers, 2)
+    num, den = sums.unbind(-1)
+    beta = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(den))
+    return list(beta.unbind(0))
+
+
+class GradientRules:
+    """The rules on a step's gradients (see the module docs)."""
+
+    def __init__(self, config: SparsityConfig, reduce: ShardSum) -> None:
+        self.config = config
+        self.reduce = reduce
+
+    def first_nonfinite(self, layers: Layers) -> Optional[str]:
+        """The name of the first layer whose gradient holds NaN/inf (one host sync for all)."""
+        tensors, names = [], []
+        for name, layer in layers:
+            if layer.weight.grad is not None:
+                tensors.append(local_tensor(layer.weight.grad))
+                names.append(name)
+        if not tensors:
+            return None
+        flags = self.reduce(nonfinite_flags(tensors)).tolist()
+        return next((name for name, flag in zip(names, flags) if flag), None)
+
+    def skip_nonfinite(self, layers: Layers, step: int, optimizer: Optional[torch.optim.Optimizer]) -> bool:
+        """Apply the NaN policy to optimizer step ``step`` (1-based): True if the step is skipped.
+
+        Raises:
+            FloatingPointError: a gradient holds NaN/inf and ``on_nonfinite="raise"``.
+        """
+        name = self.first_nonfinite(layers)
+        if name is None:
+            return False
+        if self.config.on_nonfinite != "skip":
+            raise FloatingPointError(
+                f"Sparse layer `{name}`'s gradient holds NaN/inf at optimizer step {step}. Lower the learning rate, "
+                f"enable gradient clipping, or set `on_nonfinite='skip'` to skip such steps."
+            )
+        warnings.warn(
+            f"Sparse layer `{name}`'s gradient holds NaN/inf at optimizer step {step}: the step is skipped "
+            f"(on_nonfinite='skip').",
+            stacklevel=5,
+        )
+        # No gradient, no update: optimizers skip parameters whose .grad is None.
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        return True
+
+    @torch.no_grad()
+    def apply_decays(self, layers: Layers, scale: float, mask_of: Callable[[str, SparseLinear], torch.Tensor]) -> None:
+        """``grad += scale * decay_rate * (1 - mask) * W`` for every layer with a gradient."""
+        alpha = decay_rate(self.config) * scale
+        if not alpha:
+            return
+        for name, layer in layers:
+            grad = layer.weight.grad
+            if grad is None:
+                continue
+            g = local_tensor(grad)
+            w = local_tensor(layer.weight.detach())
+            g.add_(decay_term(w, mask_of(name, layer)).to(g.dtype), alpha=alpha)
+
+    @torch.no_grad()
+    def reset_flipped_moments(self, optimizer: Optional[torch.optim.Optimizer], layer: SparseLinear,
+                              flipped: torch.Tensor) -> None:
+        """Zero the Adam moments of the weights whose mask entry flipped in this step."""
+        if self.config.flip_moments is None or optimizer is None:
+            return
+        state = optimizer.state.get(layer.weight)
+        if not state:
+            return
+        keys = ("exp_avg", "exp_avg_sq") if self.config.flip_moments == "reset" else ("exp_avg",)
+        for key in keys:
+            if key in state:
+                local_tensor(state[key]).masked_fill_(flipped, 0)
+
+
+def method_metrics(layers: Layers, config: SparsityConfig) -> dict:
+    """The metrics a method adds to the engine's: S-STE's mean beta."""
+    if config.method != "s-ste":
+        return {}
+    return {"sparsity/beta_mean": sum(float(layer.beta) for _, layer in layers) / len(layers)}

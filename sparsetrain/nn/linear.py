@@ -121,6 +121,24 @@ def _next_default_seed() -> int:
     return (torch.initial_seed() + 7919 * (next(_LAYERS_BUILT) + 1)) % (2**31 - 1)
 
 
+def _weight_of(module: nn.Module, name: str) -> Tuple[nn.Parameter, str]:
+    """A dense layer's weight as ``[out, in]`` and its kind: an `nn.Linear`'s own Parameter, or a new
+    transposed one for a `transformers` ``Conv1D`` (which stores W^T as ``[in, out]``).
+
+    Raises:
+        ValueError: the weight holds NaN/inf.
+    """
+    if is_conv1d(module):
+        weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=module.weight.requires_grad)
+        source = "conv1d"
+    elif isinstance(module, nn.Linear):
+        weight, source = module.weight, "linear"
+    else:
+        raise TypeError(f"`module` ({name}) must be an nn.Linear or transformers Conv1D, got {type(module).__name__}")
+    check_finite(weight.detach(), name=f"{name}.weight")
+    return weight, source
+
+
 def _plain_layer(w: torch.Tensor, bias: Optional[torch.Tensor], conv1d: bool, requires_grad: bool) -> nn.Module:
     """An `nn.Linear` holding ``w`` ``[out, in]`` (or a `transformers` ``Conv1D`` holding its transpose)."""
     out_f, in_f = w.shape
@@ -210,17 +228,8 @@ class SparseLinear(nn.Linear):
             ValueError: the input dim is not a multiple of ``m``, or the weights hold NaN/inf.
         """
         config = SparsityConfig() if config is None else config
-        if is_conv1d(module):
-            in_f, out_f = module.weight.shape  # Conv1D stores W^T: (in, out)
-            weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=module.weight.requires_grad)
-            source = "conv1d"
-        elif isinstance(module, nn.Linear):
-            out_f, in_f = module.weight.shape
-            weight = module.weight
-            source = "linear"
-        else:
-            raise TypeError(f"`module` ({name}) must be an nn.Linear or transformers Conv1D, got {type(module).__name__}")
-        check_finite(weight.detach(), name=f"{name}.weight")
+        weight, source = _weight_of(module, name)
+        out_f, in_f = weight.shape
         with torch.device("meta"):
             layer = cls(in_f, out_f, bias=module.bias is not None, config=config)
         layer.weight = weight
@@ -322,18 +331,10 @@ class SparseLinear(nn.Linear):
 
     def _weight_autograd(self) -> torch.Tensor:
         cfg = self.config
-        method = self._method()
-        if method == "dense":
+        if self._method() == "dense":
             return self.weight
-        return effective_weight(
-            self.weight,
-            method,
-            cfg.n,
-            cfg.m,
-            beta=self._beta(),
-            fixed_mask=unpack_mask(self.mask_packed, self.weight.shape) if cfg.transposable else None,
-            ramp=self._ramp,
-        )
+        fixed = unpack_mask(self.mask_packed, self.weight.shape) if cfg.transposable else None
+        return effective_weight(self.weight, cfg.method, cfg.n, cfg.m, beta=self._beta(), fixed_mask=fixed, ramp=self._ramp)
 
     def effective_weight(self) -> torch.Tensor:
         """The W~ the forward uses, detached (exactly N:M unless training has switched to dense).

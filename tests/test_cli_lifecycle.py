@@ -216,6 +216,29 @@ def test_resume_of_a_moved_run_replaces_last_ckpt_and_counts_steps(short_run, tm
     assert BarProbe.seen == [(5, 5)]  # steps out of max_steps, not batches of this process out of steps left
 
 
+def test_checkpoint_state_of_a_relative_root_is_rebased_onto_the_absolute_folder(tmp_path):
+    # What `fit` saved with `default_root_dir: runs/x` (relative), resumed through the checkpoint's
+    # absolute path: every saved path in the old folder now names the same file in the new one.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from sparsetrain.cli import _rebase_checkpoint_states
+
+    new = tmp_path / "runs" / "x" / "run_0" / "checkpoints"
+    cb = ModelCheckpoint(dirpath=str(new), save_last=True)
+    old = "runs/x/run_0/checkpoints"
+    saved = {"dirpath": old, "last_model_path": f"{old}/last.ckpt", "best_model_path": f"{old}/epoch=0-step=4.ckpt",
+             "kth_best_model_path": f"{old}/epoch=0-step=4.ckpt", "best_k_models": {f"{old}/epoch=0-step=4.ckpt": 1.0},
+             "best_model_score": None, "kth_value": 1.0, "monitor": None, "current_score": None}
+    checkpoint = {"callbacks": {cb.state_key: saved}}
+    _rebase_checkpoint_states(checkpoint, [cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "The dirpath has changed" would be raised here
+        cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
+    assert cb.last_model_path == str(new / "last.ckpt")
+    assert cb.best_model_path == cb.kth_best_model_path == str(new / "epoch=0-step=4.ckpt")
+    assert cb.best_k_models == {str(new / "epoch=0-step=4.ckpt"): 1.0}
+
+
 def test_resume_of_a_finished_run_says_to_raise_max_steps(short_run, tmp_path):
     run0, cache, _ = short_run
     root = _copy_root(run0, tmp_path)

@@ -102,7 +102,6 @@ def test_lightning_snippet(tmp_path, monkeypatch):
 def test_transformers_trainer_snippet(tmp_path, monkeypatch):
     pytest.importorskip("accelerate", reason="the Trainer needs accelerate: the [hf] extra")
     monkeypatch.chdir(tmp_path)  # output_dir="sparse-run"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the same device as the other snippets
     ns = {"model": tiny_gpt2(), "ds": examples()}
     exec(snippet("import transformers"), ns)  # noqa: S102
     assert ns["sparsity"].step == ns["trainer"].state.global_step >= 1

@@ -363,3 +363,63 @@ def test_solver_option_errors():
     with pytest.raises(ValueError, match=r"`iters` must be an int >= 0"):
         transposable_mask(score, 4, 8, method="tsenor", iters=2.5)
     assert _tile_ok(transposable_mask(score, 4, 8, method="tsenor", tau=2.0, iters=0), 4, 8)
+
+
+# ----------------------------------------------------------------------------- tsenor's exchanges
+
+
+def _feasible_score(n: int, m: int, size: int, seed: int, off: float):
+    """A score whose support is a transposable n:m pattern (random values in [1, 2) on it) with
+    ``off``-scaled values in [0, off) elsewhere. Every other valid mask swaps kept entries (>= 1)
+    for dropped ones (< off <= 1), so the pattern is each tile's unique optimum."""
+    score, mask = _planted(n, m, size // m, size // m, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    on = 1.0 + torch.rand(size, size, generator=g)
+    return torch.where(mask, on, off * torch.rand(size, size, generator=g)), mask
+
+
+@pytest.mark.parametrize("off", [0.0, 1e-3, 0.5])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (8, 16)])
+def test_tsenor_returns_a_transposable_input_unchanged(n, m, off):
+    score, mask = _feasible_score(n, m, 64, seed=n, off=off)
+    assert _tile_ok(mask, n, m)
+    out = transposable_mask(score, n, m, method="tsenor")
+    assert torch.equal(out, mask)
+    if off == 0.0:  # the weights as SR-STE's decay leaves them: zero off the pattern
+        assert torch.equal(transposable_mask(score, n, m, method="auto"), mask)
+
+
+def _rounding_only(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """TSENOR's rounding without the exchanges, as `_tsenor` did before them."""
+    from sparsetrain.ops.transposable import _TSENOR_ITERS, _TSENOR_TAU, _dykstra, _from_tiles, _to_tiles
+
+    tiles = _to_tiles(score.float(), m)
+    plan = _dykstra(tiles, n, _TSENOR_TAU, _TSENOR_ITERS)
+    keep = _repair(_greedy_round_fast(plan, n, extra=4 * m, slack=m // 2), tiles, n)
+    return _from_tiles(keep, *score.shape)
+
+
+@pytest.mark.parametrize("n,m", NM)
+@pytest.mark.parametrize("kind", ["gaussian", "ties", "heavy"])
+def test_tsenor_reaches_the_lp_optimum_and_never_loses_to_its_rounding(n, m, kind):
+    g = torch.Generator().manual_seed(30 + m)
+    size = 4 * m
+    score = torch.randn(size, size, generator=g).abs()
+    if kind == "ties":
+        score = torch.randint(0, 4, (size, size), generator=g).float()
+    if kind == "heavy":  # a few large outliers per tile, float32 rounding of big sums
+        score = score ** 4 * 1e3
+    from sparsetrain.ops.transposable import _IMPROVE_STATS
+
+    broken = _IMPROVE_STATS["broken"]
+    out = transposable_mask(score, n, m, method="tsenor")
+    assert _tile_ok(out, n, m)
+    assert _IMPROVE_STATS["broken"] == broken  # no exchange had to be undone
+    got = _kept(score, out)
+    assert got >= _kept(score, _rounding_only(score, n, m)) * (1 - 1e-7)
+    best = sum(
+        _lp_tile(score[r : r + m, c : c + m].double().numpy(), n)
+        for r in range(0, size, m)
+        for c in range(0, size, m)
+    )
+    assert got == pytest.approx(best, rel=1e-5)

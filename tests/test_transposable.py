@@ -369,12 +369,12 @@ def test_solver_option_errors():
 
 
 def _feasible_score(n: int, m: int, size: int, seed: int, off: float):
-    """A score whose support is a transposable n:m pattern (random values in [1, 2) on it) with
-    ``off``-scaled values in [0, off) elsewhere. Every other valid mask swaps kept entries (>= 1)
-    for dropped ones (< off <= 1), so the pattern is each tile's unique optimum."""
+    """A score whose support is a transposable n:m pattern (``off + |N(0, 1)|`` on it) with values
+    in [0, off) elsewhere. Every other valid mask swaps kept entries (> off) for dropped ones
+    (< off), so the pattern is each tile's unique optimum."""
     score, mask = _planted(n, m, size // m, size // m, seed)
     g = torch.Generator().manual_seed(seed + 100)
-    on = 1.0 + torch.rand(size, size, generator=g)
+    on = off + torch.randn(size, size, generator=g).abs().clamp_min(1e-3)
     return torch.where(mask, on, off * torch.rand(size, size, generator=g)), mask
 
 

@@ -28,6 +28,7 @@ import math
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from . import methods as _methods
+from .pruning.registry import MID_TRAINING_PRUNERS
 from .ops.mvue import MVUE_CHOICES
 from .ops.nm import check_nm, fmt_choices as _fmt_choices  # the math layer owns both; config re-exports them
 from .ops.transposable import TRANSPOSABLE_METHODS
@@ -40,7 +41,7 @@ BACKENDS = ("auto", "dense", "cusparselt")
 NONFINITE_ACTIONS = ("raise", "skip")
 TARGET_PRESETS = ("mlp", "all")  # named `targets`; anything else is a regex or a callable
 FLIP_MOMENTS = (None, "reset", "reset_exp_avg")
-PRUNE_METHODS = ("magnitude", "wanda")
+PRUNE_METHODS = MID_TRAINING_PRUNERS  # the pruner registry's: those that need no more than the input norms
 FIELD_KINDS = ("math", "schedule", "runtime")
 
 # A target filter receives the module and its qualified name, like torchao's `module_filter_fn`.

@@ -12,12 +12,16 @@ from .methods import local_loss, magnitude_prune, sparsegpt_prune, wanda_prune
 from .prox import prox_2to4, prox_prune, regularizer_2to4
 from .prune import PRUNE_METHODS, LayerReport, PruneReport, prune
 from .refine import REFINE_SOLVERS, refine_masked
+from .registry import MID_TRAINING_PRUNERS, PRUNERS, Pruner
 
 __all__ = [
     "prune",
     "PruneReport",
     "LayerReport",
     "PRUNE_METHODS",
+    "PRUNERS",
+    "MID_TRAINING_PRUNERS",
+    "Pruner",
     "prox_2to4",
     "regularizer_2to4",
     "prox_prune",

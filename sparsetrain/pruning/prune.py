@@ -32,15 +32,14 @@ from .calibration import (
     select_targets,
     set_layer_weight,
 )
-from .methods import local_loss, magnitude_prune, sparsegpt_prune, sparsegpt_score, wanda_prune, wanda_score
+from .methods import local_loss
 from .prox import prox_prune
 from .refine import REFINE_SOLVERS, refine_masked
+from .registry import PRUNE_METHODS, PRUNERS
 
 __all__ = ["prune", "PruneReport", "LayerReport", "PRUNE_METHODS"]
 
 log = logging.getLogger(__name__)
-
-PRUNE_METHODS = ("prox", "sparsegpt", "wanda", "magnitude")
 
 
 @dataclass
@@ -300,6 +299,8 @@ def prune(
         >>> print(report)  # doctest: +SKIP
     """
     base, do_refine = _parse_method(method)
+    pruner = PRUNERS[base]
+    options = {k: v for k, v in (("damp", damp), ("block_size", block_size)) if k in pruner.options}
     check_nm(n, m)
     if base == "prox" and (n, m) != (2, 4):
         raise ValueError(f"`method`='prox' implements the 2:4 regulariser only; got n={n}, m={m}")
@@ -354,18 +355,12 @@ def prune(
         v0 = w * d  # (out, in)
         hn = h / d.unsqueeze(1) / d.unsqueeze(0)  # (in, in), unit diagonal where inputs are alive
         tmask = None
-        if transposable and base != "prox":
-            score = {"magnitude": lambda: w.abs(), "wanda": lambda: wanda_score(w, h),
-                     "sparsegpt": lambda: sparsegpt_score(w, h, damp)}[base]()
-            tmask = _transposable(score, n, m, transposable_method)
+        if transposable and pruner.score is not None:
+            tmask = _transposable(pruner.score(w, h, **options), n, m, transposable_method)
         prox_iters = hit_cap = None
-        if base == "magnitude":
-            w_hat, mask = magnitude_prune(w, n, m, tmask)
-        elif base == "wanda":
-            w_hat, mask = wanda_prune(w, h, n, m, tmask)
-        elif base == "sparsegpt":
-            w_hat, mask = sparsegpt_prune(w, h, n, m, damp=damp, block_size=block_size, mask=tmask)
-        else:
+        if pruner.prune is not None:
+            w_hat, mask = pruner.prune(w, h, n, m, mask=tmask, **options)
+        else:  # prox: its schedule runs here, on the normalised problem, and reports its iterations
             res = prox_prune(v0, hn, lambda0=lambda0, beta=beta, max_iters=max_prox_iters,
                              accelerate=prox_accelerate, idle_beta=prox_idle_beta)
             prox_iters, hit_cap = res.iterations, res.hit_cap

@@ -14,7 +14,9 @@ def test_names_and_what_each_reads():
         "magnitude": "nothing", "wanda": "input_norms", "sparsegpt": "gram", "prox": "gram"}
     # The engine collects only the input norms while training: the Gram-matrix pruners cannot run there.
     assert MID_TRAINING_PRUNERS == ("magnitude", "wanda")
-    assert st.config.PRUNE_METHODS == MID_TRAINING_PRUNERS
+    from sparsetrain import config
+
+    assert config.PRUNE_METHODS == MID_TRAINING_PRUNERS
     with pytest.raises(ValueError, match=r"Unknown `prune_method`='sparsegpt'; valid choices: 'magnitude', 'wanda'"):
         st.SparsityConfig(prune_at=5, prune_method="sparsegpt")
 

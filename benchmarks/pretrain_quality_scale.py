@@ -227,6 +227,7 @@ def load(path: Path) -> list[dict]:
 @contextmanager
 def _locked(path: Path):
     """Holds an exclusive lock beside ``path`` so two jobs' read-merge-replace never interleave."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(f".{path.name}.lock")
     with open(lock, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -252,6 +253,50 @@ def add_record(path: Path, record: dict) -> list[dict]:
         tmp.write_text(json.dumps(doc, indent=1))
         tmp.replace(path)
     return runs
+
+
+# pretrain_quality.py's 2x64 table ran this study's 2x64 configuration (same model, data, steps,
+# schedule, seeds); its rows map to (row, lr) here. Only the validation interval differs (200 there,
+# 500 here), which does not touch training.
+IMPORT_ROWS = {
+    "dense": "dense", "dense-lr4e-3": "dense", "ste": "ste", "ste-lr4e-3": "ste",
+    "s-ste": "s-ste", "s-ste-lr4e-3": "s-ste", "dense-half-ffn": "dense-half-ffn",
+    "warmup10-s-ste+flip-reset": "recipe", "warmup10-s-ste+flip-reset-lr4e-3": "recipe",
+}
+
+
+def _resolved(items: list[str], args: list[str]) -> dict[str, str]:
+    """``--set`` items then CLI overrides as one ``{key: value}`` (a later one wins, as in the CLI)."""
+    out = {k: v for k, v in pq._parse_settings(items).items()}
+    for k, v in zip(args[::2], args[1::2]):
+        out[k.lstrip("-")] = v
+    return {k: (repr(float(v)) if k == "model.lr" else v) for k, v in out.items()}
+
+
+def imported(old_runs: list[dict], source: str) -> tuple[list[dict], list[str]]:
+    """Records of this study from ``pretrain_quality.py`` runs whose resolved configuration is
+    exactly one of this study's at 2x64 (checked key by key, not assumed from the row's name)."""
+    size, recs, notes = "2x64", [], []
+    for r in old_runs:
+        row = IMPORT_ROWS.get(r["method"])
+        if row is None or r.get("steps") != STEPS:
+            continue
+        theirs = _resolved(r.get("settings", []), r.get("overrides", []))
+        lr = float(theirs.get("model.lr", "nan"))
+        mine = _resolved(settings(size, lr), pq._resolve_half(ROWS[row]["args"], settings(size, lr)))
+        if theirs != mine:
+            notes.append(f"not imported: {r['method']} seed {r['seed']}: {theirs} != {mine}")
+            continue
+        recs.append({
+            "size": size, **SIZES[size], "ffn_params": ffn_params(size), "row": row, "lr": lr, "seed": r["seed"],
+            "steps": STEPS, "batch_size": BATCH_SIZE, "final_val_loss": r["final_val_loss"],
+            "final_train_loss": r.get("final_train_loss"), "val_curve": r.get("val_curve"),
+            "flip_rate": r.get("flip_rate"), "final_flip_rate": r.get("final_flip_rate"), "wall_s": r.get("wall_s"),
+            "config": config(size, row, lr, STEPS), "commit": None, "dirty": None,
+            "command": f"imported from {source}, row {r['method']} (pretrain_quality.py, validation every 200 steps)",
+            "imported_from": source,
+        })
+    return recs, notes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -507,6 +552,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--cache-dir", default=None, help="corpus cache (default: sparsetrain's)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on the shared machine)")
+    p.add_argument("--import-2x64", metavar="JSON", default=None,
+                   help="add the runs of pretrain_quality.py's 2x64 table (its JSON) whose configuration is this "
+                        "study's at 2x64, then exit; runs already recorded are kept")
     p.add_argument("--list", action="store_true", help="print the runs still to do and exit")
     p.add_argument("--table", action="store_true", help="print the tables from the JSON and exit")
     p.add_argument("--plot", action="store_true", help=f"write {NAME}.png from the JSON and exit")
@@ -519,6 +567,19 @@ def main(argv=None) -> int:
     out = Path(args.out)
     path = out / f"{NAME}.json"
     runs = load(path)
+    if args.import_2x64:
+        src = Path(args.import_2x64)
+        if not src.is_file():
+            p.error(f"--import-2x64: no such file {src}")
+        recs, notes = imported(json.loads(src.read_text()).get("runs", []), src.name)
+        done = {_key(r) for r in runs}
+        for n in notes:
+            print(n)
+        new = [r for r in recs if _key(r) not in done]
+        for r in new:
+            add_record(path, r)
+        print(f"imported {len(new)} run(s) of {src} ({len(recs) - len(new)} already recorded)")
+        return 0
     if args.table or args.plot:
         summary = summarise(runs, args.steps)
         if args.table:

@@ -228,3 +228,34 @@ def test_bad_arguments(bench, argv, words, capsys, tmp_path):
         bench.main([*argv, "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert all(w in err for w in words)
+
+
+def test_import_of_the_2x64_table_checks_the_resolved_configuration(bench, tmp_path):
+    base = ["model.n_embd=64", "model.n_layer=2", "model.n_head=2", "data.batch_size=16", "model.lr=3e-3"]
+
+    def old(method, overrides, seed, loss, settings=base, steps=2000):
+        return {"method": method, "overrides": overrides, "settings": settings, "steps": steps, "seed": seed,
+                "final_val_loss": loss, "flip_rate": 0.0}
+
+    src = tmp_path / "pretrain_quality.json"
+    src.write_text(json.dumps({"runs": [
+        old("dense", ["--sparsity.method", "dense"], 1, 1.70),
+        # a row-level lr override wins over --set's, as in the CLI
+        old("ste-lr4e-3", ["--sparsity.method", "ste", "--model.lr", "4e-3"], 2, 1.72),
+        old("dense-half-ffn", ["--sparsity.method", "dense", "--model.n_inner", "128"], 1, 1.73),
+        old("warmup10-s-ste+flip-reset", ["--sparsity.method", "s-ste", "--sparsity.dense_warmup", "0.1",
+                                          "--sparsity.flip_moments", "reset"], 3, 1.71),
+        old("ste", ["--sparsity.method", "ste"], 1, 1.9, settings=[*base[:3], "data.batch_size=8", base[4]]),  # other batch
+        old("dense", ["--sparsity.method", "dense"], 2, 1.8, steps=400),  # other budget
+        old("sr-ste", ["--sparsity.method", "sr-ste"], 1, 1.75),  # not a row of the study
+    ]}))
+    out = tmp_path / "out"
+    assert bench.main(["--import-2x64", str(src), "--out", str(out)]) == 0
+    runs = json.loads((out / "pretrain_quality_scale.json").read_text())["runs"]
+    got = {(r["row"], r["lr"], r["seed"]): r["final_val_loss"] for r in runs}
+    assert got == {("dense", 3e-3, 1): 1.70, ("ste", 4e-3, 2): 1.72, ("dense-half-ffn", 3e-3, 1): 1.73,
+                   ("recipe", 3e-3, 3): 1.71}
+    assert all(r["imported_from"] == "pretrain_quality.json" and r["commit"] is None for r in runs)
+    # imported runs count as done: the sweep does not train them again
+    assert bench.main(["--import-2x64", str(src), "--out", str(out)]) == 0
+    assert len(json.loads((out / "pretrain_quality_scale.json").read_text())["runs"]) == 4

@@ -422,18 +422,19 @@ def summarise(runs: list[dict], steps: int = STEPS) -> dict:
                           "best_at_edge": len(swept) > 1 and best in (swept[0], swept[-1])}
         by_row = {}
         for row in ROWS:
-            lr = chosen_lr(here, size, row, steps)
+            # Until the sweep covers LRS the best lr so far is used, and the row says so.
+            lr, swept = best_lrs(here, size, ROWS[row]["lr_of"], steps)
             if lr is None:
                 continue
             seeds = {r["seed"]: r["final_val_loss"] for r in here if r["row"] == row and float(r["lr"]) == lr}
             if seeds:
-                by_row[row] = (lr, seeds)
+                by_row[row] = (lr, seeds, not set(LRS) <= set(swept))
         table = {}
-        for row, (lr, seeds) in by_row.items():
+        for row, (lr, seeds, provisional) in by_row.items():
             ref_d, ref_s = REFERENCES[ROWS[row]["family"]]
             dense = by_row.get(ref_d, (None, {}))[1]
             ste = by_row.get(ref_s, (None, {}))[1]
-            table[row] = {"lr": lr, "compared_with": [ref_d, ref_s], "losses": seeds,
+            table[row] = {"lr": lr, "provisional_lr": provisional, "compared_with": [ref_d, ref_s], "losses": seeds,
                           **compare(seeds, dense, ste if row != ref_s else {})}
         out[size] = {"ffn_params": ffn_params(size), "sweep": sweep, "rows": table}
     return out
@@ -466,7 +467,8 @@ def markdown(summary: dict) -> str:
             p_s = f"{p['mean']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]" if p else "-"
             gap = f"{e['gap_to_dense']:+.4f}" if "gap_to_dense" in e else "-"
             ref = "" if e["compared_with"] == ["dense", "ste"] else f" (vs {', '.join(e['compared_with'])})"
-            lines.append(f"| {row} (n={e['n']}){ref} | {e['lr']:g} | {e['mean']:.4f} ± {e['std']:.4f} | {gap} | "
+            lr = f"{e['lr']:g}" + (" (sweep incomplete)" if e["provisional_lr"] else "")
+            lines.append(f"| {row} (n={e['n']}){ref} | {lr} | {e['mean']:.4f} ± {e['std']:.4f} | {gap} | "
                          f"{closed} | {p_s} |")
         lines.append("")
     return "\n".join(lines)
@@ -496,8 +498,9 @@ def plot(summary: dict, path: Path) -> None:
                     continue
                 m, h = mean_ci(gaps)
                 xs.append(summary[size]["ffn_params"]), ms.append(m), hs.append(h or 0.0)
+                ax1.annotate(f"n={len(gaps)}", (xs[-1], m), textcoords="offset points", xytext=(5, 3), fontsize=6)
             if xs:
-                ax1.errorbar(xs, ms, yerr=hs, fmt=style, capsize=3, label=f"{row} - {ref_d} (n per size: seeds)")
+                ax1.errorbar(xs, ms, yerr=hs, fmt=style, capsize=3, label=f"{row} - {ref_d}")
     ax1.axhline(0, color="k", lw=0.8)
     ax1.set_xscale("log")
     ax1.set_xlabel("FFN weights (full width)")
@@ -513,6 +516,7 @@ def plot(summary: dict, path: Path) -> None:
             if per:
                 m, h = mean_ci(per)
                 xs.append(summary[size]["ffn_params"]), ms.append(m), hs.append(h or 0.0)
+                ax2.annotate(f"n={len(per)}", (xs[-1], m), textcoords="offset points", xytext=(5, 3), fontsize=6)
         if xs:
             ax2.errorbar(xs, ms, yerr=hs, fmt="o-", capsize=3, label=row)
     ax2.axhline(0, color="k", lw=0.8)
@@ -522,10 +526,15 @@ def plot(summary: dict, path: Path) -> None:
     ax2.set_ylabel("fraction of STE's gap closed (per-seed mean, 95% t-interval)")
     ax2.set_title("each row at its own lr, vs its family's dense and STE at theirs", fontsize=9)
     for ax in (ax1, ax2):
+        ax.set_xticks([ffn_params(k) for k in SIZES], [f"{k}\n{ffn_params(k):,}" for k in SIZES], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlim(ffn_params(next(iter(SIZES))) / 1.5, ffn_params(list(SIZES)[-1]) * 1.5)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"2 layers, {STEPS} steps of {BATCH_SIZE} x 128 byte tokens at every size; "
-                 "one seed where no interval is drawn", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    provisional = sorted(k for k, v in summary.items() if any(e["provisional_lr"] for e in v["rows"].values()))
+    fig.suptitle(f"2 layers, {STEPS} steps of {BATCH_SIZE} x 128 byte tokens at every size; one seed where no interval "
+                 "is drawn" + (f"; lr sweep incomplete at {', '.join(provisional)}" if provisional else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -259,3 +259,13 @@ def test_import_of_the_2x64_table_checks_the_resolved_configuration(bench, tmp_p
     # imported runs count as done: the sweep does not train them again
     assert bench.main(["--import-2x64", str(src), "--out", str(out)]) == 0
     assert len(json.loads((out / "pretrain_quality_scale.json").read_text())["runs"]) == 4
+
+
+def test_rows_before_the_sweep_is_complete_use_the_best_lr_so_far_and_say_so(bench):
+    runs = [r for r in _study(bench) if not (r["lr"] == 8e-3 and r["seed"] == 1 and r["row"] in ("dense", "ste"))]
+    rows = bench.summarise(runs)["2x64"]["rows"]
+    # STE's best so far is 4e-3 (1.85 < 1.90): no recipe run there but the ignored 1.00 one becomes its run
+    assert rows["ste"]["lr"] == 4e-3 and rows["ste"]["provisional_lr"] is True
+    assert rows["recipe"]["lr"] == 4e-3 and rows["recipe"]["losses"] == {1: 1.00}
+    assert "(sweep incomplete)" in bench.markdown(bench.summarise(runs))
+    assert bench.summarise(_study(bench))["2x64"]["rows"]["ste"]["provisional_lr"] is False

@@ -34,11 +34,16 @@ class PruneAt:
     def update_hooks(self, step: int, window: Tuple[int, int]) -> None:
         """Hook the layers' inputs while step ``step`` lies in the calibration ``window``."""
         start, end = window
-        want = self.config.prune_method == "wanda" and start <= step < end
+        want = self._pruner().inputs == "input_norms" and start <= step < end
         if want and not self._hooks:
             self._hooks = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in self.layers]
         elif not want:
             self.remove_hooks()
+
+    def _pruner(self):
+        from ..pruning.registry import PRUNERS  # the one table `prune` reads too
+
+        return PRUNERS[self.config.prune_method]
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:
@@ -58,15 +63,15 @@ class PruneAt:
 
     @torch.no_grad()
     def prune(self, step: int) -> None:
-        """Prune every layer's weight in place (magnitude or Wanda) and drop the statistics."""
-        from ..pruning.methods import magnitude_prune, wanda_prune
-
+        """Prune every layer's weight in place (a mid-training pruner of the registry) and drop the statistics."""
         cfg = self.config
-        if cfg.prune_method == "wanda":
+        pruner = self._pruner()
+        norms = pruner.inputs == "input_norms"
+        if norms:
             missing = [name for name, _ in self.layers if name not in self.sums]
             if missing:
                 raise RuntimeError(
-                    f"`prune_method`='wanda' saw no training input for {', '.join(missing[:3])} in the "
+                    f"`prune_method`={cfg.prune_method!r} saw no training input for {', '.join(missing[:3])} in the "
                     f"{cfg.prune_calibration_steps} step(s) before `prune_at`; the layers must run in training mode."
                 )
             if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -77,10 +82,8 @@ class PruneAt:
                 self.sums = {name: part for (name, _), part in zip(self.layers, parts)}
         for name, layer in self.layers:
             w = local_tensor(layer.weight.detach())
-            if cfg.prune_method == "wanda":
-                pruned, _ = wanda_prune(w, torch.diag(self.sums[name]), cfg.n, cfg.m)
-            else:
-                pruned, _ = magnitude_prune(w, cfg.n, cfg.m)
+            # The input norms stand in for the Gram matrix: a mid-training pruner reads its diagonal only.
+            pruned, _ = pruner.prune(w, torch.diag(self.sums[name]) if norms else None, cfg.n, cfg.m)
             w.copy_(pruned.to(w.dtype))
         self.sums = {}
         log.info("Sparsifier: pruned %d layer(s) to %d:%d (%s) at optimizer step %d",

@@ -15,9 +15,10 @@ from .. import backends
 from ..config import SparsityConfig
 from ..methods import effective_weight, masked_weight
 from ..ops.nm import check_finite, sste_scale
+from ..targets import is_conv1d
 from ._packing import pack_mask, packed_numel, unpack_mask
 
-__all__ = ["SparseLinear", "is_conv1d", "local_tensor", "mix_seed"]
+__all__ = ["SparseLinear", "local_tensor", "mix_seed"]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -100,15 +101,6 @@ def _backend_for(config: SparsityConfig, weight: torch.Tensor, dtype: torch.dtyp
     # returns bf16/fp16, so a float32 input is judged (and refused) as float32.
     fp8_ok = config.fp8 and dtype in (torch.float16, torch.bfloat16)
     return backends.select_backend(config.backend, weight, torch.float8_e4m3fn if fp8_ok else dtype)[0]
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for `transformers`' ``Conv1D`` (GPT-2's linear layer that stores W^T as ``[in, out]``)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers missing or broken: no Conv1D can exist
-        return False
-    return isinstance(module, Conv1D)
 
 
 _LAYERS_BUILT = itertools.count()

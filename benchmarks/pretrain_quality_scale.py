@@ -82,7 +82,7 @@ SEEDS = [1, 2, 3]
 
 HALF = pq.HALF_FFN
 _RECIPE = ["--sparsity.method", "s-ste", "--sparsity.dense_warmup", "0.1", "--sparsity.flip_moments", "reset"]
-_RELU2 = ["--model.activation_function", "relu2"]
+_RELU2 = ["--model.activation", "relu2"]
 _ACT24 = ["--sparsity.activation_sparsity", "2:4"]
 
 
@@ -148,17 +148,17 @@ ROWS = {
                          "requires": _has_sparsity_field("lr_rewarm")},
     # squared-ReLU FFN (issue 21), with its own dense references
     "relu2-dense": {"args": ["--sparsity.method", "dense", *_RELU2], "family": "relu2", "lr_of": "relu2-dense",
-                    "requires": _has_model_arg("activation_function")},
+                    "requires": _has_model_arg("activation")},
     "relu2-dense-half-ffn": {"args": ["--sparsity.method", "dense", "--model.n_inner", HALF, *_RELU2],
-                             "family": "relu2", "lr_of": "relu2-dense", "requires": _has_model_arg("activation_function")},
+                             "family": "relu2", "lr_of": "relu2-dense", "requires": _has_model_arg("activation")},
     "relu2-ste": {"args": ["--sparsity.method", "ste", *_RELU2], "family": "relu2", "lr_of": "relu2-ste",
-                  "requires": _has_model_arg("activation_function")},
+                  "requires": _has_model_arg("activation")},
     "relu2-recipe": {"args": [*_RECIPE, *_RELU2], "family": "relu2", "lr_of": "relu2-ste",
-                     "requires": _has_model_arg("activation_function")},
+                     "requires": _has_model_arg("activation")},
     "relu2-ste+act24": {"args": ["--sparsity.method", "ste", *_RELU2, *_ACT24], "family": "relu2", "lr_of": "relu2-ste",
-                        "requires": _all(_has_model_arg("activation_function"), _has_sparsity_field("activation_sparsity"))},
+                        "requires": _all(_has_model_arg("activation"), _has_sparsity_field("activation_sparsity"))},
     "relu2-recipe+act24": {"args": [*_RECIPE, *_RELU2, *_ACT24], "family": "relu2", "lr_of": "relu2-ste",
-                           "requires": _all(_has_model_arg("activation_function"), _has_sparsity_field("activation_sparsity"))},
+                           "requires": _all(_has_model_arg("activation"), _has_sparsity_field("activation_sparsity"))},
 }
 REFERENCES = {"gelu": ("dense", "ste"), "relu2": ("relu2-dense", "relu2-ste")}
 SWEEP_ROWS = ["dense", "ste", "relu2-dense", "relu2-ste"]

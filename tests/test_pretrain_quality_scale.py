@@ -156,7 +156,8 @@ class FakeRuns:
 def test_resume_skips_recorded_runs(bench, tmp_path, monkeypatch):
     fake = FakeRuns()
     monkeypatch.setattr(bench, "run_one", fake)
-    argv = ["--phase", "sweep", "--sizes", "2x64", "--lrs", "4e-3", "2e-3", "--steps", "10", "--out", str(tmp_path)]
+    argv = ["--phase", "sweep", "--sizes", "2x64", "--rows", "dense", "ste", "--lrs", "4e-3", "2e-3", "--steps", "10",
+            "--out", str(tmp_path)]
     assert bench.main(argv) == 0
     assert fake.calls == [("2x64", "dense", 4e-3, 1), ("2x64", "ste", 4e-3, 1),
                           ("2x64", "dense", 2e-3, 1), ("2x64", "ste", 2e-3, 1)]
@@ -187,7 +188,8 @@ def test_jobs_side_by_side_merge_and_do_not_repeat(bench, tmp_path, monkeypatch)
 
     fake = FakeRuns(the_other_job)
     monkeypatch.setattr(bench, "run_one", fake)
-    assert bench.main(["--sizes", "2x64", "--lrs", "4e-3", "--steps", "10", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--sizes", "2x64", "--rows", "dense", "ste", "--lrs", "4e-3", "--steps", "10",
+                       "--out", str(tmp_path)]) == 0
     assert fake.calls == [("2x64", "dense", 4e-3, 1)]  # the STE run was done meanwhile: not repeated
     runs = {(r["size"], r["row"]): r["final_val_loss"] for r in json.loads(path.read_text())["runs"]}
     assert runs == {("2x128", "dense"): 1.5, ("2x64", "ste"): 1.9, ("2x64", "dense"): pytest.approx(2.014)}

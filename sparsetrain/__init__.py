@@ -15,7 +15,9 @@ __version__ = "0.1.0"
 
 # Every public name loads on first use (PEP 562), so `import sparsetrain` and the `sparsetrain`
 # command's help cost neither torch nor Lightning (Lightning alone took 3.4 s of a 5.5 s import);
-# layer-only users never load Lightning. Name -> (module, attribute; None for the module itself).
+# layer-only users never load Lightning, and a base install (torch and numpy only) imports every
+# name but the Lightning, `transformers` and app ones, which name their extra when it is missing.
+# Name -> (module, attribute; None for the module itself).
 _LAZY = {
     "ops": ("sparsetrain.ops", None),
     "SparsityConfig": ("sparsetrain.config", "SparsityConfig"),
@@ -45,12 +47,25 @@ if TYPE_CHECKING:  # static tools see the real names
     from .pruning import prune
 
 
+# Names that need an optional extra (see `sparsetrain._extras`); everything else runs on torch alone.
+_EXTRA = {"SparseTraining": "lightning", "SparseTrainerCallback": "hf", "TextDataModule": "app",
+          "CausalLMModule": "app"}
+
+
 def __getattr__(name):
     if name in _LAZY:
         import importlib
 
         module_name, attr = _LAZY[name]
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            from ._extras import from_import_error
+
+            nicer = from_import_error(err, f"sparsetrain.{name}", _EXTRA.get(name))
+            if nicer is None:
+                raise
+            raise nicer from err
         value = module if attr is None else getattr(module, attr)
         globals()[name] = value  # later look-ups skip this function
         return value

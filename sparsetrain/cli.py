@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 # The export lives in `hub` (light to import); re-exported for `from sparsetrain.cli import export_checkpoint`.
 from .hub import export_checkpoint, nm_violations  # noqa: F401
+from . import _extras
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO_ROOT / "recipes" / "tiny-s-ste.yaml"
@@ -51,6 +52,15 @@ TOP_LEVEL = ("seed_everything", "ckpt_path", "run_name", "threads", "optimizer",
              "config", "print_config")
 DEBUG_ENV = "SPARSETRAIN_DEBUG"
 RUN_DIR_ENV = "SPARSETRAIN_RUN_DIR"  # rank 0's run directory, for the other ranks of a DDP run
+
+# What each subcommand imports on its way (the app extra brings all of it); `find_spec` checks
+# them without importing.
+_COMMAND_NEEDS = {
+    **{c: ("lightning", "jsonargparse", "transformers", "torchmetrics", "yaml") for c in LIGHTNING_SUBCOMMANDS},
+    "export": ("lightning", "transformers"),
+    "prune": ("lightning", "transformers"),
+    "report": ("matplotlib",),
+}
 
 log = logging.getLogger(__name__)
 
@@ -833,6 +843,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(_USAGE)
         return 0 if argv else 2
     cmd = argv[0]
+    # A base install (torch only) has none of the application's packages: say which extra to install
+    # before anything fails half way with a bare ModuleNotFoundError.
+    absent = _extras.missing(_COMMAND_NEEDS.get(cmd, ()))
+    if absent:
+        text = _extras.message(f"`sparsetrain {cmd}`", "app", absent)
+        if debug:
+            raise _extras.MissingExtra(text, name=absent[0])
+        print(f"sparsetrain {cmd}: error: {text}", file=sys.stderr)
+        return 2
     if cmd in LIGHTNING_SUBCOMMANDS:
         help_at = next((i for i, a in enumerate(argv) if a in ("-h", "--help")), None)
         if help_at is not None:

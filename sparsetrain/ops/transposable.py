@@ -218,8 +218,13 @@ def _exact24(tiles: torch.Tensor) -> torch.Tensor:
 
 def _lp_chunk(tiles: np.ndarray, n: int) -> np.ndarray:
     """Exact masks for ``tiles`` (``[b, m, m]`` float64) from one block-diagonal LP."""
-    from scipy.optimize import linprog
-    from scipy.sparse import csr_matrix
+    try:
+        from scipy.optimize import linprog
+        from scipy.sparse import csr_matrix
+    except ModuleNotFoundError as err:  # SciPy is not a base dependency (it comes with the app extra)
+        raise ModuleNotFoundError("`method`='optimal' needs SciPy, which is not installed: pip install scipy "
+                                  "(or 'sparsetrain[app]'); 'tsenor' and 'exact24' need only torch",
+                                  name="scipy") from err
 
     b, m, _ = tiles.shape
     nv = b * m * m

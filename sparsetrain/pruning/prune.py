@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -218,6 +219,30 @@ def _rel_error(w_hat, w, h) -> float:
     return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
 
+class _NoBar:
+    def set_postfix_str(self, *args, **kwargs):
+        pass
+
+    def update(self, *args):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, desc: str, show: bool):
+    """A tqdm bar over layers; tqdm is not a base dependency (it comes with the app extra)."""
+    if not show:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ModuleNotFoundError:
+        warnings.warn("`progress`=True needs tqdm, which is not installed (pip install tqdm); pruning without "
+                      "a progress bar", stacklevel=3)
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="layer")
+
+
 def prune(
     model: nn.Module,
     calibration: Iterable,
@@ -342,9 +367,7 @@ def prune(
     report = PruneReport(method=method, n=n, m=m, refine_steps=refine_steps if do_refine else 0,
                          transposable=transposable, skipped=list(skipped))
     t_start = time.perf_counter()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(chosen), desc=f"pruning ({method})", unit="layer", disable=not progress)
+    bar = _progress_bar(len(chosen), f"pruning ({method})", progress)
 
     def prune_one(name: str, mod: nn.Module, h: torch.Tensor, tokens: int) -> None:
         t0 = time.perf_counter()

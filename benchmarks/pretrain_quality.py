@@ -24,8 +24,8 @@ markedly better there than at the recipe's 2e-3: ``pretrain_quality_lr2e-3.json`
         --set model.n_embd=64 model.n_layer=2 model.n_head=2 data.batch_size=16 model.lr=3e-3 \
         --rows dense ste s-ste --seeds 1 2 3 4 5 6
     python benchmarks/pretrain_quality.py --table      # the README's table from the JSON
-    python benchmarks/pretrain_quality.py --steps 300 --seeds 1 --name pretrain_quality_screen \
-        --label "screening: 300 steps, 1 seed" --threads 1
+    python benchmarks/pretrain_quality.py --steps 300 --seeds 1 --name pretrain_quality_short \
+        --label "screening: 300 steps, 1 seed" --threads 1    # a quick look; not kept in results/
 
 One run of that setup takes ~3 minutes on one idle core (5-10 with other jobs beside it). The
 JSON keeps runs of one setup (steps and ``--set``) only: a run with another setup replaces the

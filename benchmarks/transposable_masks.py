@@ -167,8 +167,8 @@ def main(argv=None) -> dict:
             "timing": "one run each, wall clock, float32 scores",
         },
         "notes": [
-            "The 2 CPU cores were shared with 4 other engineers' jobs during this run (load average ~3-5), "
-            "so wall times are noisy (seen up to 2x between runs); ratios between methods are more stable.",
+            "Wall times move with the other jobs on the machine (stamp.machine.load_average; up to 2x "
+            "between runs was seen on a shared 2-core machine); ratios between methods are more stable.",
             "gap = (kept |W| of optimum - kept |W| of method) / kept |W| of optimum.",
             "Rows with time_basis 'ESTIMATED' did not solve the whole matrix: the optimum was solved on a "
             "random sample of tiles, its time scaled by the tile count, and gaps measured on those tiles.",

@@ -276,9 +276,19 @@ def _bin_with(tmp_path, name, target):
     return d
 
 
+def _python3_wrapper(tmp_path) -> Path:
+    """A ``python3`` that runs this interpreter. A script, not a symlink: a venv's interpreter started
+    through a symlink outside the venv does not find its ``pyvenv.cfg`` and runs as the base Python
+    (without the venv's torch)."""
+    wrapper = tmp_path / "python3_wrapper"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_shell_entry_finds_python3_without_python(tmp_path):
-    bin_dir = _bin_with(tmp_path, "python3", sys.executable)
+    bin_dir = _bin_with(tmp_path, "python3", _python3_wrapper(tmp_path))
     env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
     env.update(PATH=f"{bin_dir}:/bin", CUDA_VISIBLE_DEVICES="")
     res = subprocess.run(["/bin/bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--out", str(tmp_path / "o")],

@@ -9,7 +9,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -363,11 +362,3 @@ class TextDataModule(L.LightningDataModule):
                 f"The checkpoint was trained with another BPE tokenizer than the one now in use ({tok.name}); "
                 "the tokenizer cache was rebuilt since. Resume with the same `cache_dir`, or start a new run"
             )
-
-    def tokens_per_epoch(self) -> int:
-        """Training tokens in one pass over the training split."""
-        return self.blocks("train").__len__() * self.block_size
-
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps in one pass over the training split (one device, no accumulation)."""
-        return math.ceil(len(self.blocks("train")) / self.batch_size)

@@ -1030,14 +1030,18 @@ def build_gpu_like_venv(venv: Path) -> dict:
             raise RuntimeError(f"{name!r} is a dependency of the GPU machine's packages here; the rehearsal cannot hide it")
     for dist in dists.values():
         _link_distribution(dist, site)
-    # The GPU machine documents `python3` only: drop `python` (venv makes python3 a link to it).
+    # The GPU machine documents `python3` only: drop `python`. venv chains its links differently by
+    # where it is run from (from pyenv: python -> python3 -> interpreter; from inside another venv:
+    # python, python3 -> python3.11 -> interpreter), so every `python3*` now points straight at the
+    # interpreter; a venv finds its pyvenv.cfg from the link's own folder, so that is enough.
     bin_dir = venv / "bin"
     real = (bin_dir / "python").resolve()
-    for link in bin_dir.glob("python3*"):
-        if link.is_symlink() and link.resolve() == real:
-            link.unlink()
-            link.symlink_to(os.readlink(bin_dir / "python") if (bin_dir / "python").is_symlink() else real)
-    (bin_dir / "python").unlink()
+    links = [p.name for p in bin_dir.glob("python*") if p.is_symlink()]
+    for name in links:
+        (bin_dir / name).unlink()
+    for name in links:
+        if name != "python":
+            (bin_dir / name).symlink_to(real)
     return {"packages": sorted(dists), "missing_here": sorted(missing)}
 
 

@@ -269,6 +269,35 @@ def test_rehearsal_closure_has_no_datasets():
     assert "datasets" not in dists and "sparsetrain" not in dists and "jsonargparse" not in dists
 
 
+@pytest.mark.parametrize("from_venv", [False, True])
+def test_rehearsal_venv_has_a_working_python3_and_no_python(tmp_path, from_venv):
+    # venv chains its python links differently when run from the base interpreter or from inside
+    # another venv (as CI runs it); either way the rehearsal's python3 must start as the rehearsal
+    # venv, with torch and without datasets.
+    import sysconfig
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    python = sys.executable
+    if from_venv:  # an outer venv that sees this environment's packages, like CI's venv
+        outer = tmp_path / "outer"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(outer)], check=True, timeout=120)
+        site = next((outer / "lib").glob("python3*/site-packages"))
+        paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path[1:]])
+        (site / "_here.pth").write_text("\n".join(p for p in paths if p and os.path.isdir(p)) + "\n")
+        python = str(outer / "bin" / "python3")
+    build = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import gpu_suite; from pathlib import Path; "
+             f"gpu_suite.build_gpu_like_venv(Path({str(tmp_path / 'v')!r}))")
+    res = subprocess.run([python, "-c", build], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    bin_dir = tmp_path / "v" / "bin"
+    assert not (bin_dir / "python").exists() and not (bin_dir / "python").is_symlink()
+    probe = "import sys, importlib.util as u; print(sys.prefix, u.find_spec('torch') is not None, u.find_spec('datasets'))"
+    res = subprocess.run([str(bin_dir / "python3"), "-c", probe], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == [str(tmp_path / "v"), "True", "None"]
+
+
 def _bin_with(tmp_path, name, target):
     d = tmp_path / "bin"
     d.mkdir(exist_ok=True)

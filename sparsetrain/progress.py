@@ -80,8 +80,12 @@ def default_progress_bar(trainer_config: dict, extra: list) -> Optional[Any]:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             # The bars show ``batch_idx + 1`` as done: hand them the step count instead.
-            done = trainer.global_step - 1 if self._counts_steps() else batch_idx
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, done)
+            counts = self._counts_steps()
+            tqdm_bar = self.train_progress_bar if isinstance(self, TQDMProgressBar) else None
+            if counts and tqdm_bar is not None and tqdm_bar.total != trainer.max_steps:
+                # A run resumed mid-epoch skips `on_train_epoch_start`, where tqdm gets its total.
+                tqdm_bar.total = trainer.max_steps
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1 if counts else batch_idx)
 
     if not _RICH_AVAILABLE:
         class ShortTQDMProgressBar(CountSteps, TQDMProgressBar):

@@ -195,9 +195,15 @@ class BarProbe(L.Callback):
             BarProbe.seen.append((bar.train_progress_bar.n, bar.train_progress_bar.total))
 
 
-def test_resume_of_a_moved_run_replaces_last_ckpt_and_counts_steps(short_run, tmp_path):
+@pytest.mark.parametrize("rich", [True, False], ids=["rich-bar", "tqdm-bar"])
+def test_resume_of_a_moved_run_replaces_last_ckpt_and_counts_steps(short_run, tmp_path, monkeypatch, rich):
     # The run directory is copied elsewhere (as a relative `default_root_dir` resumed by absolute
     # path also renames it): its checkpoints still belong to it.
+    import lightning.pytorch.utilities.imports as lightning_imports
+
+    if rich and not lightning_imports._RICH_AVAILABLE:
+        pytest.skip("rich is not installed")
+    monkeypatch.setattr(lightning_imports, "_RICH_AVAILABLE", rich)  # without rich, the bar is tqdm's
     run0, cache, _ = short_run
     root = _copy_root(run0, tmp_path)
     run = root / "run_0"

@@ -604,3 +604,70 @@ def test_sparsegpt_score_is_zero_on_dead_inputs():
     live = torch.ones(32, dtype=torch.bool)
     live[dead] = False
     assert (score[:, live] > 0).all()
+
+
+def test_prune_progress_prints_each_layer_and_the_compile_once(monkeypatch, capsys):
+    import sparsetrain.pruning.prox as px
+    from sparsetrain.ops._compiled import Compiled
+
+    # A process that has not compiled the prox steps yet; "compiling" is the identity here, the
+    # message is what is under test.
+    fresh = Compiled(px._start, "prox_prune", "slower")
+    monkeypatch.setattr(px, "_START", fresh)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    model = _tiny_gpt2()
+    assert px.compile_pending(torch.zeros(96, 32)) and not px.compile_pending(torch.zeros(8, 8))
+    report = prune(model, _calib(), method="prox", refine_steps=5, lambda0=0.5, beta=1.05, progress=True)
+    out = capsys.readouterr().out.splitlines()
+    compiling = [i for i, line in enumerate(out) if line.startswith("compiling the prox steps")]
+    assert len(compiling) == 1
+    assert fresh.fn is not None and not px.compile_pending(torch.zeros(96, 32))
+    per_layer = [line for line in out if line.startswith("  transformer.h.")]
+    assert len(per_layer) == len(report.layers) == 8
+    for line, layer in zip(per_layer, report.layers):
+        assert line.startswith(f"  {layer.name} [{layer.shape[0]}x{layer.shape[1]}]: rel.err ")
+        assert f"{layer.seconds:.1f} s, {layer.prox_iters} prox iterations" in line
+    assert compiling[0] < out.index(per_layer[0])
+    # Compilation off: nothing to announce.
+    monkeypatch.setattr(px, "_START", Compiled(px._start, "prox_prune", "slower"))
+    px._START.disabled = True
+    assert not px.compile_pending(torch.zeros(96, 32))
+
+
+def test_cli_measures_perplexity_on_the_data_modules_test_split(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sparsetrain.data import TextDataModule
+    from sparsetrain.pruning.cli import main
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                       bos_token_id=256, eos_token_id=256))
+    model.save_pretrained(tmp_path / "dense")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "sparse", "mask", "tile", "group", "prune", "weight"]
+    for i in range(120):
+        (docs / f"d{i:03d}.txt").write_text(f"doc {i}: " + " ".join(rng.choice(words, size=60)) + "\n")
+    rc = main(["--model", str(tmp_path / "dense"), "--method", "magnitude", "--data", str(docs / "*.txt"),
+               "--out", str(tmp_path / "pruned"), "--calib-seqs", "4", "--eval-seqs", "3", "--seq-len", "32",
+               "--refine-steps", "0"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "perplexity on the test split" in printed and "(test split)" in printed
+    info = json.loads((tmp_path / "pruned" / "prune_report.json").read_text())
+    assert info["perplexity_split"] == "test"
+    # The reference: the data module's own test stream (what `sparsetrain test` reads), its first
+    # three 32-token sequences, scored by hand with the dense model.
+    dm = TextDataModule(files=str(docs / "*.txt"), tokenizer="byte", block_size=32, batch_size=2,
+                        cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("test")
+    test = torch.from_numpy(np.asarray(dm.split_tokens("test")[: 3 * 32], dtype=np.int64)).reshape(3, 32)
+    train = np.asarray(dm.split_tokens("train"), dtype=np.int64)
+    assert len(dm.split_tokens("test")) >= 3 * 32 and len(train) > 0
+    with torch.no_grad():
+        logits = model.eval()(test).logits[:, :-1]
+        nll = torch.nn.functional.log_softmax(logits.double(), -1).gather(-1, test[:, 1:, None]).neg().mean()
+    assert info["perplexity_before"] == pytest.approx(math.exp(float(nll)), rel=1e-5)

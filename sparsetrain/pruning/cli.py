@@ -8,8 +8,12 @@ Example:
 ``--model`` is a ``save_pretrained`` directory, a run directory of ``sparsetrain fit`` (its newest
 readable checkpoint) or one of its checkpoints (exported first with `sparsetrain.cli.export_checkpoint`). Text comes from ``--data`` (files or
 globs) or, by default, the Python standard library's source. It is tokenised with the model
-directory's tokenizer if it has one, else byte-level; the first ``--calib-seqs`` sequences of the
-token stream calibrate, and the last ``--eval-seqs`` (never overlapping them) measure perplexity.
+directory's tokenizer if it has one, else byte-level. Documents are split as ``sparsetrain fit``
+splits them (the data module's default seeded hash of each document's index): the first
+``--calib-seqs`` sequences of the training documents calibrate, and the first ``--eval-seqs`` of
+the test documents measure perplexity, as ``sparsetrain test`` does. A corpus of a few files may
+have too few test documents; then the end of the training text is held out instead, and the output
+says so.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .prune import PRUNE_METHODS, prune
 
-__all__ = ["main", "load_model", "token_stream", "perplexity"]
+__all__ = ["main", "load_model", "split_token_streams", "token_stream", "perplexity"]
 
 # prox always ends with masked refinement, so "prox+refine" is no separate choice (still accepted).
 _METHOD_CHOICES = [c for b in PRUNE_METHODS for c in ((b,) if b == "prox" else (b, b + "+refine"))]
@@ -72,20 +76,58 @@ def load_model(path: str, tmp: Path):
     return AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32), p
 
 
-def token_stream(model_dir: Path, vocab_size: int, data: Optional[Sequence[str]], max_bytes: int):
-    """The concatenated token ids of the text (one end-of-text token between documents)."""
-    from ..data import ByteTokenizer, load_hf_tokenizer, stdlib_files
-    from ..data.sources import iter_file_documents, local_files
+def _split_defaults() -> Dict[str, float]:
+    """The document split of `TextDataModule` (and so of ``sparsetrain fit`` / ``test``) by default."""
+    import inspect
 
-    files = local_files(data) if data else stdlib_files()
+    from ..data import TextDataModule
+
+    params = inspect.signature(TextDataModule.__init__).parameters
+    return {k: params[k].default for k in ("split_seed", "val_fraction", "test_fraction")}
+
+
+def _tokenizer(model_dir: Path, vocab_size: int):
+    from ..data import ByteTokenizer, load_hf_tokenizer
+
     tok = load_hf_tokenizer(str(model_dir)) if _has_tokenizer(model_dir) else ByteTokenizer()
     if tok.vocab_size > vocab_size:
         raise ValueError(
             f"The tokenizer ({tok.name}, {tok.vocab_size} tokens) does not fit the model's vocabulary of "
             f"{vocab_size}; save a tokenizer with the model (`--model` directory)"
         )
+    return tok
+
+
+def _documents(data: Optional[Sequence[str]], max_bytes: int):
+    from ..data import stdlib_files
+    from ..data.sources import iter_file_documents, local_files
+
+    return iter_file_documents(local_files(data) if data else stdlib_files(), max_bytes=max_bytes)
+
+
+def split_token_streams(model_dir: Path, vocab_size: int, data: Optional[Sequence[str]], max_bytes: int):
+    """``({"train", "val", "test": token ids}, tokenizer)``: the text's documents split as
+    ``sparsetrain fit`` splits them by default (a seeded hash of each document's index,
+    `sparsetrain.data.corpus.split_of`), each split's documents concatenated with an end-of-text
+    token after each.
+    """
+    from ..data.corpus import split_of
+
+    tok = _tokenizer(model_dir, vocab_size)
+    d = _split_defaults()
+    ids: Dict[str, List[int]] = {"train": [], "val": [], "test": []}
+    for index, doc in enumerate(_documents(data, max_bytes)):
+        out = ids[split_of(index, d["split_seed"], d["val_fraction"], d["test_fraction"])]
+        out.extend(tok.encode(doc))
+        out.append(tok.eot_id)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in ids.items()}, tok
+
+
+def token_stream(model_dir: Path, vocab_size: int, data: Optional[Sequence[str]], max_bytes: int):
+    """The concatenated token ids of all the text, in order (an end-of-text token after each document)."""
+    tok = _tokenizer(model_dir, vocab_size)
     ids: List[int] = []
-    for doc in iter_file_documents(files, max_bytes=max_bytes):
+    for doc in _documents(data, max_bytes):
         ids.extend(tok.encode(doc))
         ids.append(tok.eot_id)
     return torch.tensor(ids, dtype=torch.long), tok
@@ -130,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default=None, help="regex of layer names (default: every Linear/Conv1D in the blocks)")
     p.add_argument("--transposable", action="store_true", help="N:M along rows and columns of every m x m tile")
     p.add_argument("--calib-seqs", type=int, default=32, help="calibration sequences (default: 32)")
-    p.add_argument("--eval-seqs", type=int, default=32, help="held-out sequences for perplexity; 0 skips it (default: 32)")
+    p.add_argument("--eval-seqs", type=int, default=32, help="sequences of the test split (held-out documents) for perplexity; 0 skips it (default: 32)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence, capped at the model's context "
                                                           "length (default: 256)")
     p.add_argument("--batch-size", type=int, default=8,
@@ -174,21 +216,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model, model_dir = load_model(args.model, Path(tmp))
             ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
             t = min(args.seq_len, ctx) if ctx else args.seq_len
-            ids, tok = token_stream(model_dir, model.config.vocab_size, args.data, args.max_bytes)
+            streams, tok = split_token_streams(model_dir, model.config.vocab_size, args.data, args.max_bytes)
+            ids, test_ids = streams["train"], streams["test"]
         except ValueError as e:
             p.error(str(e))
-        n_seq = len(ids) // t
-        need = args.calib_seqs + args.eval_seqs
-        if n_seq < need:
-            p.error(f"the text gives {n_seq} sequences of {t} tokens, fewer than --calib-seqs + --eval-seqs = {need}")
+        n_seq, n_test = len(ids) // t, len(test_ids) // t
         seqs = ids[: n_seq * t].reshape(n_seq, t)  # (N, T)
+        if n_test >= args.eval_seqs:
+            # The documents `sparsetrain fit` held out for `sparsetrain test` (the data module's
+            # default split): never trained on, never calibrated on.
+            held_out = test_ids[: n_test * t].reshape(n_test, t)[: args.eval_seqs]
+            where = "the test split (the data module's held-out documents, as in `sparsetrain test`)"
+            need, room = args.calib_seqs, n_seq
+        else:
+            # Too few documents hashed to the test split (a corpus of a few files): as the data
+            # module does then, hold out the end of the training text, apart from calibration.
+            held_out = seqs[n_seq - args.eval_seqs:] if args.eval_seqs else seqs[:0]
+            where = (f"the end of the training text (the test split has {n_test} sequence(s) of {t} tokens, "
+                     f"fewer than --eval-seqs {args.eval_seqs}); not comparable with `sparsetrain test`")
+            need, room = args.calib_seqs + args.eval_seqs, n_seq
+        if room < need:
+            p.error(f"the text gives {room} training sequences of {t} tokens, fewer than the {need} needed "
+                    f"(--calib-seqs{' + --eval-seqs' if need > args.calib_seqs else ''})")
         calib = seqs[: args.calib_seqs]
-        held_out = seqs[n_seq - args.eval_seqs:] if args.eval_seqs else seqs[:0]
         print(f"model {args.model}: {sum(p_.numel() for p_ in model.parameters()) / 1e6:.2f}M parameters; "
-              f"{len(calib)} calibration and {len(held_out)} held-out sequences of {t} tokens ({tok.name})")
+              f"{len(calib)} calibration sequences (training split) and {len(held_out)} held-out sequences of "
+              f"{t} tokens ({tok.name})")
+        if len(held_out):
+            print(f"perplexity on {where}")
+        split_name = "test" if n_test >= args.eval_seqs else "train (end)"
         ppl_before = perplexity(model, held_out, args.batch_size) if len(held_out) else None
         if ppl_before is not None:
-            print(f"perplexity before: {ppl_before:.3f}")
+            print(f"perplexity before: {ppl_before:.3f} ({split_name} split)")
         batches = [calib[i:i + args.batch_size] for i in range(0, len(calib), args.batch_size)]
         try:
             report = prune(model, batches, method=args.method, n=args.n, m=args.m, refine_steps=args.refine_steps,
@@ -198,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(report.table())
         ppl_after = perplexity(model, held_out, args.batch_size) if len(held_out) else None
         if ppl_after is not None:
-            print(f"perplexity after: {ppl_after:.3f} (before {ppl_before:.3f})")
+            print(f"perplexity after: {ppl_after:.3f} (before {ppl_before:.3f}; {split_name} split)")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         _set_pruned_metadata(model, report, args)
@@ -208,7 +267,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                              "merges.txt")):
                 shutil.copy(f, out / f.name)
         info = {"model": str(args.model), "method": args.method, "n": args.n, "m": args.m,
-                "perplexity_before": ppl_before, "perplexity_after": ppl_after, "seq_len": t,
+                "perplexity_before": ppl_before, "perplexity_after": ppl_after, "perplexity_split": split_name,
+                "seq_len": t,
                 "calib_seqs": len(calib), "eval_seqs": len(held_out), "report": report.to_dict()}
         (out / "prune_report.json").write_text(json.dumps(info, indent=1))
         print(f"wrote {out}")

@@ -246,6 +246,20 @@ _SWEEPS3 = Compiled(_sweeps3, "prox_prune", "several times slower")
 _SWEEPS4 = Compiled(_sweeps4, "prox_prune", "several times slower")
 
 
+def _uses_compiled(z: torch.Tensor) -> bool:
+    return z.device.type == "cpu" and z.numel() >= 4 * _COMPILE_MIN_GROUPS
+
+
+def compile_pending(v0: torch.Tensor) -> bool:
+    """Whether `prox_prune` on ``v0`` will first compile its element-wise steps in this process.
+
+    That takes ~10-20 s when inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by default
+    ``/tmp/torchinductor_<user>``) already holds the kernels, and one to two minutes on a busy
+    2-core machine when it does not; `prune` says so on screen before it starts.
+    """
+    return _uses_compiled(v0) and not _START.disabled and _START.fn is None
+
+
 def _call(compiled: Compiled, fn, use: bool, *args):
     """``compiled(*args)`` where ``use`` and compilation works here, else ``fn(*args)``."""
     out = compiled(*args) if use else None
@@ -279,7 +293,7 @@ def _prox_blocked(z: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
 
 
 def _prox_blocked_impl(z: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
-    big = z.device.type == "cpu" and z.numel() >= 4 * _COMPILE_MIN_GROUPS
+    big = _uses_compiled(z)
     lam_t = torch.tensor(lam, dtype=z.dtype, device=z.device)  # 0-d: a float would recompile per lam
     rel_tol, max_sweeps = _PROX_SWEEPS[torch.float64 if z.dtype == torch.float64 else torch.float32]
     s0, s1, s2, s3, contested, tol, x0, x1, x2, done3, y0, y1, y2, y3, done4 = _call(_START, _start, big, z, lam_t, rel_tol)

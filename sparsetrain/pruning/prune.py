@@ -34,7 +34,7 @@ from .calibration import (
     set_layer_weight,
 )
 from .methods import local_loss
-from .prox import prox_prune
+from .prox import compile_pending, prox_prune
 from .refine import REFINE_SOLVERS, refine_masked
 from .registry import PRUNE_METHODS, PRUNERS
 
@@ -308,7 +308,8 @@ def prune(
         damp: SparseGPT's damping, a fraction of the mean diagonal of ``H``.
         block_size: SparseGPT's lazy-update block width in columns.
         transposable_method: passed to `transposable_mask` as ``method`` (``None``: its default).
-        progress: show a tqdm bar over layers.
+        progress: show a tqdm bar over layers, one line per pruned layer (its error and time), and,
+            for prox, a line before its steps are compiled.
 
     Returns:
         A `PruneReport`.
@@ -384,6 +385,10 @@ def prune(
         if pruner.prune is not None:
             w_hat, mask = pruner.prune(w, h, n, m, mask=tmask, **options)
         else:  # prox: its schedule runs here, on the normalised problem, and reports its iterations
+            if progress and compile_pending(v0):
+                # The first compiled call of a process is silent for 10 s to 2 minutes.
+                bar.write("compiling the prox steps (once per process; slow the first time on a machine, "
+                          "inductor's disk cache makes later runs faster)...")
             res = prox_prune(v0, hn, lambda0=lambda0, beta=beta, max_iters=max_prox_iters,
                              accelerate=prox_accelerate, idle_beta=prox_idle_beta)
             prox_iters, hit_cap = res.iterations, res.hit_cap
@@ -407,6 +412,11 @@ def prune(
             rel_error=_rel_error(w_hat, w, h), rel_error_before_refine=before, refine_iters=int(iters),
             seconds=time.perf_counter() - t0, prox_iters=prox_iters, prox_hit_cap=hit_cap,
         ))
+        if progress:  # a line per layer: the bar alone says nothing during a long layer
+            layer = report.layers[-1]
+            extra = "" if prox_iters is None else f", {prox_iters} prox iterations"
+            bar.write(f"  {name} [{layer.shape[0]}x{layer.shape[1]}]: rel.err {layer.rel_error:.4f}, "
+                      f"{layer.seconds:.1f} s{extra}")
         bar.set_postfix_str(name, refresh=False)
         bar.update(1)
 

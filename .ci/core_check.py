@@ -2,7 +2,8 @@
 
 A plain PyTorch loop with `Sparsifier` trains a tiny model for a few steps: the loss stays finite
 and falls, the engine counts every optimizer step, and the exported weights hold exactly N:M
-nonzeros (counted group by group here, not by the package). Before that, it checks that none of
+nonzeros (counted group by group here, not by the package); then `prune` (SparseGPT) makes a dense
+copy N:M. Before that, it checks that none of
 the extras' packages is installed, so the run proves the core does not need them.
 
     python .ci/core_check.py                 # in a venv holding the base install only (CI)
@@ -89,10 +90,19 @@ def train() -> None:
             for g in range(0, in_f, 4):
                 kept = sum(1 for v in w[r, g:g + 4].tolist() if v != 0.0)
                 assert kept == 2, f"{name} row {r} inputs {g}..{g + 3}: {kept} nonzeros, expected 2"
+    # one-shot pruning is core too: SparseGPT on a fresh dense copy, calibrated on the training inputs
+    dense_model = Block()
+    st.prune(dense_model, [x[:64], x[64:128]], method="sparsegpt", refine_steps=5, targets="mlp")
+    for name in names:
+        w = dense_model.get_submodule(name).weight.detach()
+        worst = max(sum(1 for v in w[r, g:g + 4].tolist() if v != 0.0) for r in range(w.shape[0])
+                    for g in range(0, w.shape[1], 4))
+        assert worst <= 2, f"pruned {name}: a group of 4 keeps {worst} weights, expected at most 2"
     heavy = sorted(p for p in EXTRA_PACKAGES if sys.modules.get(p) is not None)
     assert not heavy, f"the core loop imported packages of the extras: {heavy}"
     print(f"core check: {STEPS} steps of S-STE 2:4 in a plain loop, loss {first:.4f} -> {last:.4f}, "
-          f"{len(names)} layers exported exactly 2:4, none of {len(EXTRA_PACKAGES)} extra packages imported")
+          f"{len(names)} layers exported exactly 2:4, SparseGPT pruned them 2:4, none of {len(EXTRA_PACKAGES)} "
+          f"extra packages imported")
 
 
 def main(argv=None) -> int:

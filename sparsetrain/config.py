@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from . import methods as _methods
 from .pruning.registry import MID_TRAINING_PRUNERS
+from .ops.activation import parse_nm
 from .ops.mvue import MVUE_CHOICES
 from .ops.nm import check_nm, fmt_choices as _fmt_choices  # the math layer owns both; config re-exports them
 from .ops.transposable import TRANSPOSABLE_METHODS
@@ -39,7 +40,10 @@ from .ops.transposable import TRANSPOSABLE_METHODS
 MVUE_METHODS = (None, *MVUE_CHOICES)
 BACKENDS = ("auto", "dense", "cusparselt")
 NONFINITE_ACTIONS = ("raise", "skip")
-TARGET_PRESETS = ("mlp", "all")  # named `targets`; anything else is a regex or a callable
+# Named `targets` / `activation_targets`; anything else is a regex or a callable. "mlp_down": the
+# FFN down-projections only (GPT-2 `mlp.c_proj`, Llama `mlp.down_proj`, OPT `fc2`, ...), whose input
+# is the FFN's hidden activation.
+TARGET_PRESETS = ("mlp", "all", "mlp_down")
 FLIP_MOMENTS = (None, "reset", "reset_exp_avg")
 PRUNE_METHODS = MID_TRAINING_PRUNERS  # the pruner registry's: those that need no more than the input norms
 FIELD_KINDS = ("math", "schedule", "runtime")
@@ -158,6 +162,17 @@ class SparsityConfig:
     # A few micro-batches suffice for ||X_j|| (Wanda uses 128 sequences).
     prune_calibration_steps: int = _field(
         4, "schedule", "how many optimizer steps before ``prune_at`` Wanda collects inputs.")
+    activation_sparsity: Optional[str] = _field(
+        None, "math", '``None`` or an ``"N:M"`` string such as ``"2:4"``: the input of every layer in '
+        "``activation_targets`` is made N:M per token (the N largest |x| of every M consecutive input features), "
+        'in training and evaluation (docs/sparse-activations.md). Independent of ``method``: ``method="dense"`` '
+        "keeps the weights dense. The engine's dense phases (``dense_warmup``, ``dense_finetune_from``) make the "
+        "activations dense too.")
+    activation_targets: Union[str, TargetFilter] = _field(
+        "mlp_down", "math", "which layers get N:M inputs, with the grammar of ``targets``; the default "
+        '``"mlp_down"`` is the FFN down-projections (GPT-2 ``mlp.c_proj``, Llama ``mlp.down_proj``, OPT '
+        "``fc2``), whose input is the FFN activation: mostly exact zeros with squared ReLU "
+        "(``model.activation: relu2``).")
     method_options: Optional[Dict[str, Any]] = _field(
         None, "math", "the method's own options, e.g. ``{decay: 1e-3}``; each method declares the keys it takes "
         "and their defaults (``sparsetrain.methods.get(name).options``); ``None`` keeps the defaults.")
@@ -201,7 +216,22 @@ class SparsityConfig:
                 f"method={self.method!r}" + (". Use method='sr-ste'." if meth.sparse else "")
             )
         self._check_schedules(meth, sparse_names)
+        self._check_activations()
         meth.check(self)
+
+    def _check_activations(self) -> None:
+        parse_nm(self.activation_sparsity, "activation_sparsity")
+        if not (callable(self.activation_targets) or isinstance(self.activation_targets, str)):
+            raise TypeError(
+                f"`activation_targets` must be {_fmt_choices(TARGET_PRESETS)}, a regex string or a callable "
+                f"(module, name) -> bool, got {self.activation_targets!r}"
+            )
+        if self.activation_sparsity is not None and (self.mvue is not None or self.fp8):
+            what = "`mvue`" if self.mvue is not None else "`fp8`"
+            raise ValueError(
+                f"{what} is not implemented together with `activation_sparsity` yet; turn {what} off, or set "
+                f"activation_sparsity=None"
+            )
 
     def _check_schedules(self, meth, sparse_names: str) -> None:
         if self.flip_moments is not None and self.transposable:
@@ -215,6 +245,8 @@ class SparsityConfig:
         if self.prune_method != "magnitude" and self.prune_at is None:
             raise ValueError(f"`prune_method`={self.prune_method!r} would do nothing without `prune_at` (the step to prune at)")
         for name in ("dense_warmup", "threshold_ramp", "decay_ramp", "flip_moments", "prune_at"):
+            if name == "dense_warmup" and self.activation_sparsity is not None:
+                continue  # a dense warm-up of sparse activations (with dense weights) is a schedule too
             if getattr(self, name) is not None and not meth.sparse:
                 raise ValueError(
                     f"`{name}`={getattr(self, name)!r} needs a sparse `method` ({sparse_names}), got method={self.method!r}"
@@ -249,6 +281,16 @@ class SparsityConfig:
     def sparse(self) -> bool:
         """True when the method makes weights sparse (every method but ``"dense"``)."""
         return self.rule.sparse
+
+    @property
+    def activation_nm(self) -> Optional[Tuple[int, int]]:
+        """``(n, m)`` of ``activation_sparsity``, or None when the activations stay dense."""
+        return parse_nm(self.activation_sparsity, "activation_sparsity")
+
+    @property
+    def trains_sparse(self) -> bool:
+        """True when anything is sparse: the weights (`sparse`) or the target layers' inputs."""
+        return self.sparse or self.activation_sparsity is not None
 
     def describe(self) -> str:
         """One line for logs: ``"s-ste 2:4"``, or ``"dense (no sparsity)"`` for the baseline."""

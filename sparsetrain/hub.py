@@ -44,14 +44,34 @@ def nm_violations(weight, n: int, m: int) -> int:
     return int((groups.sum(-1) > n).sum())
 
 
-def sparsity_metadata(hf_model, layer_names: list[str], cfg: Optional[dict], global_step) -> dict:
+def activation_metadata(activation_sparsity: Optional[str], layers: list[str], dense_finetune_from) -> dict:
+    """The sparse-activation keys of the export metadata.
+
+    ``activation_sparsity`` (``"2:4"`` or None) and ``activation_layers`` say how the model was
+    trained; ``activation_sparsity_at_inference`` says whether inference should apply the same input
+    mask to those layers: yes when training ended with it on, no after a dense final phase
+    (``dense_finetune_from``), whose last steps trained the model without it. Plain `transformers`
+    never applies it (the exported weights load and run as a dense model), so with ``True`` its
+    outputs differ from the trained function by the activations the mask would drop.
+    """
+    if activation_sparsity is None:
+        return {"activation_sparsity": None, "activation_layers": [], "activation_sparsity_at_inference": False}
+    return {
+        "activation_sparsity": activation_sparsity,
+        "activation_layers": list(layers),
+        "activation_sparsity_at_inference": dense_finetune_from is None,
+    }
+
+
+def sparsity_metadata(hf_model, layer_names: list[str], cfg: Optional[dict], global_step,
+                      act_layers: Optional[list[str]] = None) -> dict:
     """The ``"sparsetrain"`` entry of the exported ``config.json``, measured on the exported weights.
 
     Keys: ``method``, ``n``, ``m``, ``targets`` (the rule the layers were chosen by), ``layers`` (the
     sparse layers' names in the exported model), ``zero_fraction`` (zeros over all weights of those
     layers), ``layer_zero_fraction`` (per layer), ``nm_verified`` (every group of ``m`` along the input
     dim holds at most ``n`` non-zeros; export refuses to write otherwise; False when there is no sparse
-    layer) and ``global_step``.
+    layer), ``global_step`` and the sparse-activation keys of `activation_metadata`.
     A dense run has ``method`` ``"dense"`` and no layers. ``training`` holds every config field a
     resume must keep (the declared math and schedule fields, `sparsetrain.config.resume_fields`).
     """
@@ -77,6 +97,7 @@ def sparsity_metadata(hf_model, layer_names: list[str], cfg: Optional[dict], glo
         "layer_zero_fraction": per_layer,
         "nm_verified": bool(per_layer),
         "global_step": global_step,
+        **activation_metadata(cfg.get("activation_sparsity"), act_layers or [], cfg.get("dense_finetune_from")),
         "training": {f: (v if v is None or isinstance(v, (str, int, float, bool, dict)) else repr(v))
                      for f, v in ((f, cfg[f]) for f in resume_fields() if f in cfg)},
     }
@@ -153,6 +174,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> dict:
 
     module, ckpt = load_module_from_checkpoint(ckpt_path)
     names = [name.removeprefix("model.") for name, _ in sparse_layers(module)]
+    act_names = [name.removeprefix("model.") for name, layer in sparse_layers(module) if layer.input_nm is not None]
     cfg = ckpt.get("sparsity_config")
     hf_model = export(module.model)
     if cfg is not None and _is_sparse_method(cfg["method"]):
@@ -162,7 +184,7 @@ def export_checkpoint(ckpt_path: str, out_dir: str) -> dict:
             if bad:
                 raise RuntimeError(f"Exported layer {name} breaks {n}:{m} sparsity in {bad} group(s)")
     tokenizer = data_tokenizer_of_checkpoint(ckpt)
-    meta = sparsity_metadata(hf_model, names, cfg, ckpt.get("global_step"))
+    meta = sparsity_metadata(hf_model, names, cfg, ckpt.get("global_step"), act_names)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:

@@ -286,7 +286,8 @@ def config_mismatch(ckpt: Dict[str, Any], model: Dict[str, Any], sparsity: Optio
         old_method, new_method = old.get("method", "s-ste"), sparsity.get("method", "s-ste")
         if old_method != new_method:
             return "sparsity.method", old_method, new_method
-        if old_method in methods.names() and not methods.get(old_method).sparse:
+        if old_method in methods.names() and not methods.get(old_method).sparse \
+                and old.get("activation_sparsity") is None and sparsity.get("activation_sparsity") is None:
             return None  # the baseline: the other fields act on nothing
         for field in resume_fields():
             if field in old and field in sparsity and _norm(old[field]) != _norm(sparsity[field]):

@@ -7,6 +7,7 @@ and the config can use it without importing the layers.
 The ``targets`` grammar, one for every caller:
 
 - ``"mlp"``: the feed-forward layers, by the names common implementations give them;
+- ``"mlp_down"``: the feed-forward down-projections only (whose input is the FFN activation);
 - ``"all"``: every linear layer except output heads (``lm_head``, ``classifier``...) and layers whose
   weight is tied to an embedding;
 - ``None``: the caller's default: for `prune`, every layer inside the decoder blocks (``within``),
@@ -34,6 +35,9 @@ Targets = Union[None, str, Callable[[nn.Module, str], bool]]
 _MLP_PARENT = re.compile(r"(^|\.)(mlp|feed_forward|feedforward|ffn|ff|ffwd|intermediate)(\.|$)")
 _MLP_LEAF = re.compile(r"(^|\.)(linear1|linear2|fc1|fc2|c_fc|gate_proj|up_proj|down_proj|w1|w2|w3|wi|wo)$")
 _BERT_FFN_OUT = re.compile(r"(^|\.)layer\.\d+\.output\.dense$")
+# The FFN's last layer, whose input is the FFN activation ("mlp_down"). GPT-2's attention has a
+# `c_proj` too, so a leaf counts only inside an FFN (`_is_mlp`).
+_MLP_DOWN_LEAF = re.compile(r"(^|\.)(c_proj|down_proj|fc2|linear2|w2|wo|dense_4h_to_h)$")
 # Never chosen by "all": output heads that map to the vocabulary or the classes.
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output_projection|classifier|score)$")
 
@@ -87,11 +91,13 @@ def _rule(model: nn.Module, targets: Targets, within: Optional[str]) -> Callable
         return lambda n, mod: not _HEAD.search(n) and id(mod.weight) not in tied
     if targets == "mlp":
         return lambda n, mod: _is_mlp(n)
+    if targets == "mlp_down":
+        return lambda n, mod: bool((_is_mlp(n) and _MLP_DOWN_LEAF.search(n)) or _BERT_FFN_OUT.search(n))
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)
         except re.error as e:
-            raise ValueError(f"`targets`={targets!r} is neither 'mlp', 'all' nor a valid regex: {e}") from None
+            raise ValueError(f"`targets`={targets!r} is neither 'mlp', 'all' nor a valid regex ('mlp_down' is a preset too): {e}") from None
         return lambda n, mod: bool(pattern.search(n))
     raise TypeError(
         f"`targets` must be None, 'mlp', 'all', a regex string or a callable (module, name) -> bool, got {targets!r}"

@@ -34,6 +34,8 @@ CHANGES = {
     "prune_method": ({"prune_at": 5}, "wanda"),
     "prune_calibration_steps": ({"prune_at": 5}, 2),
     "method_options": ({"method": "ste"}, {}),
+    "activation_sparsity": ({}, "2:4"),
+    "activation_targets": ({"activation_sparsity": "2:4"}, "mlp"),
 }
 
 

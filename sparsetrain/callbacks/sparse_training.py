@@ -55,7 +55,7 @@ class SparseTraining(Callback):
     @property
     def dense_phase(self) -> bool:
         """True once training has switched to dense fine-tuning."""
-        return self.engine is not None and self.engine.phase == "dense" and self.config.sparse
+        return self.engine is not None and self.engine.phase == "dense" and self.config.trains_sparse
 
     # ------------------------------------------------------------------------------ lifecycle
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

@@ -64,7 +64,7 @@ class Schedule:
 
     def phase_at(self, step: int) -> str:
         """``"sparse"`` or ``"dense"``: the phase optimizer step ``step`` trains in."""
-        if not self.config.sparse or step < self.sparse_from_step():
+        if not self.config.trains_sparse or step < self.sparse_from_step():
             return "dense"
         dense_from = self.dense_from_step()
         if dense_from is not None and step >= dense_from:

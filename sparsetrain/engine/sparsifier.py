@@ -136,7 +136,8 @@ class Sparsifier:
         """``"sparse"`` or ``"dense"`` (dense warm-up or fine-tuning, or ``method="dense"``).
 
         The layers hold it (it is what their forward computes); the engine sets all of them at once."""
-        return "sparse" if self._layers[0][1].sparse_active else "dense"
+        active = any(layer.sparse_active or layer.input_sparse_active for _, layer in self._layers)
+        return "sparse" if active else "dense"
 
     @property
     def metrics(self) -> Dict[str, float]:

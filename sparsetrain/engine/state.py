@@ -18,7 +18,7 @@ MATH_FIELDS = (
     "method", "n", "m", "targets", "mvue", "fp8", "transposable", "transposable_method",
     "mask_update_interval", "srste_decay", "masked_decay", "dense_finetune_from",
     "dense_warmup", "threshold_ramp", "decay_ramp", "flip_moments", "prune_at", "prune_method",
-    "prune_calibration_steps",
+    "prune_calibration_steps", "activation_sparsity", "activation_targets",
 )
 STATE_FORMAT = 2
 

@@ -70,6 +70,9 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> List[str
             f"`targets`={config.targets!r} matched no nn.Linear / Conv1D layer of {type(model).__name__}. "
             f"Its linear layers include: {names or 'none'}"
         )
+    act_names = _activation_targets(model, config, targets, exclude)
+    targets += [(n, mod) for n, mod in select_targets(model, config.activation_targets, exclude=exclude)[0].items()
+                if n in act_names and all(n != t for t, _ in targets)]
     swapped, skipped = [], []
     for index, (name, module) in enumerate(targets):
         out_features, in_features = layer_weight(module).shape
@@ -81,7 +84,10 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> List[str
             continue
         # Each layer draws its own MVUE stream: seed + a per-layer offset.
         layer_cfg = config if config.seed is None else config.replace(seed=config.seed + 7919 * index)
-        _set_submodule(model, name, SparseLinear.from_dense(module, layer_cfg, name=name))
+        layer = SparseLinear.from_dense(module, layer_cfg, name=name)
+        if name in act_names:
+            layer.input_nm = config.activation_nm  # this layer's input is made N:M per token
+        _set_submodule(model, name, layer)
         swapped.append(name)
     if not swapped and config.sparse:
         raise ValueError(
@@ -97,6 +103,41 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> List[str
         )
     log.info("sparsify: %d layer(s) now %s %d:%d", len(swapped), config.method, config.n, config.m)
     return swapped
+
+
+def _activation_targets(model: nn.Module, config: SparsityConfig, weight_targets, exclude) -> set:
+    """Names of the layers whose input ``config.activation_sparsity`` makes N:M (empty when off).
+
+    A layer may have sparse inputs without being in ``targets``: with ``method="dense"`` it is
+    swapped just for its input. With a sparse method its weights would need a config of their own,
+    which the engine's per-step rules do not support yet: that is an error naming the layers.
+    """
+    nm = config.activation_nm
+    if nm is None:
+        return set()
+    chosen = select_targets(model, config.activation_targets, exclude=exclude)[0]
+    if not chosen:
+        names = list(select_targets(model, lambda mod, name: True, exclude=exclude)[0])[:8]
+        raise ValueError(
+            f"`activation_targets`={config.activation_targets!r} matched no nn.Linear / Conv1D layer of "
+            f"{type(model).__name__}, so `activation_sparsity`={config.activation_sparsity!r} would do nothing. "
+            f"Its linear layers include: {names or 'none'}"
+        )
+    bad = [n for n, mod in chosen.items() if layer_weight(mod).shape[1] % nm[1]]
+    if bad:
+        raise ValueError(
+            f"`activation_sparsity`={config.activation_sparsity!r}: the input dim of {', '.join(bad[:4])} is not a "
+            f"multiple of {nm[1]}; choose other `activation_targets`"
+        )
+    weight_names = {n for n, _ in weight_targets}
+    extra = [n for n in chosen if n not in weight_names]
+    if extra and config.sparse:
+        raise ValueError(
+            f"`activation_targets` selects layer(s) that `targets` does not: {', '.join(extra[:4])}. With "
+            f"method={config.method!r} add them to `targets` (their weights are then trained sparse too), or "
+            f"use method='dense' for sparse activations with dense weights."
+        )
+    return set(chosen)
 
 
 def densify(model: nn.Module) -> List[str]:

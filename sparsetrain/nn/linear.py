@@ -149,6 +149,37 @@ def _plain_layer(w: torch.Tensor, bias: Optional[torch.Tensor], conv1d: bool, re
     return out
 
 
+def _sparse_input_linear(layer: "SparseLinear", x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
+    """``(x * mask_N:M(x)) @ W~^T + b`` for a layer with sparse inputs (`ops.activation`):
+    cuSPARSELt with ``X~`` as the structured operand where it can run, the torch reference (a
+    custom op with its closed-form backward) elsewhere."""
+    from ..ops.activation import activation_sparse_linear
+
+    n, m = layer.input_nm
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    use_cslt = False
+    if layer.config.backend != "dense" and x.is_cuda:
+        from ..backends import cusparselt_activation
+
+        ok, reason = cusparselt_activation.can_use(layer.weight, x, dtype, n, m)
+        if not ok and layer.config.backend == "cusparselt":
+            raise ValueError(f"`backend`='cusparselt' cannot run this layer's sparse activations: {reason}")
+        use_cslt = ok
+    layer.backend_name = "cusparselt" if use_cslt else "dense"
+    if torch.is_autocast_enabled(dev):
+        # Custom autograd functions see no autocast in backward: cast the operands here once.
+        x, w = x.to(dtype), w.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(dev, enabled=False):
+        if not use_cslt:
+            return activation_sparse_linear(x, w, bias, n, m)
+        transposable = layer.config.transposable and layer.sparse_active
+        if transposable:  # W~^T is compressed once per optimizer step, as in the weight path
+            layer._backend_cache["key"] = (layer.weight._version, layer._state_version, w.dtype, w.device)
+        return cusparselt_activation.activation_linear(x, w, bias, cache=layer._backend_cache, transposable=transposable)
+
+
 class SparseLinear(nn.Linear):
     """An `nn.Linear` trained N:M sparse: ``y = x @ W~^T + b`` with ``W~`` from ``config.method``.
 
@@ -209,6 +240,8 @@ class SparseLinear(nn.Linear):
         self._gen_seed: Optional[int] = None  # set by `set_step_state`; None: `seed` itself
         self.engine_attached = False  # True once a `sparsetrain.Sparsifier` owns this layer
         self._ramp = 1.0  # S-STE's threshold ramp in [0, 1] (1: plain S-STE)
+        self.input_nm: Optional[Tuple[int, int]] = None  # (n, m): `sparsify` made the input N:M per token
+        self._input_active = True  # False in the engine's dense phases
         self.reset_sparsity_state()
 
     # ----------------------------------------------------------------------------------- build
@@ -260,6 +293,7 @@ class SparseLinear(nn.Linear):
             ramp: S-STE's threshold ramp in [0, 1] (1: plain S-STE).
             step: optimizer steps taken; rank: this process's data-parallel rank.
         """
+        self._input_active = bool(sparse)  # sparse activations follow the engine's phases too
         sparse = bool(sparse) and self.config.sparse
         ramp = float(ramp)
         if sparse != self._sparse or ramp != self._ramp:
@@ -273,6 +307,9 @@ class SparseLinear(nn.Linear):
     def sparse_active(self) -> bool:
         """False while training dense (the engine's dense warm-up / fine-tuning, or ``method="dense"``)."""
         return self._sparse
+
+    input_sparse_active = property(lambda self: self.input_nm is not None and self._input_active,
+                                   doc="True when this layer's input is made N:M in the current phase.")
 
     @property
     def ramp(self) -> float:
@@ -366,6 +403,8 @@ class SparseLinear(nn.Linear):
             _warn_without_engine(self.config)
         w = self._weight_autograd()
         bias = self.bias
+        if self.input_sparse_active:
+            return _sparse_input_linear(self, x, w, bias)
         sparse = self._method() != "dense"
         mvue = self.config.mvue if sparse else None
         fp8 = self.config.fp8 and sparse
@@ -437,4 +476,6 @@ class SparseLinear(nn.Linear):
         extra += ", transposable" if c.transposable else ""
         extra += ", fp8" if c.fp8 else ""
         phase = "" if self._sparse or not c.sparse else ", dense phase"
+        if self.input_nm is not None:
+            extra += f", input {self.input_nm[0]}:{self.input_nm[1]}" + ("" if self._input_active else " (dense phase)")
         return f"{super().extra_repr()}, method={c.method}, {c.n}:{c.m}{extra}, backend={self.backend_name}{phase}"

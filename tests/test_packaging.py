@@ -162,4 +162,6 @@ for progress in (False, True):
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert lines[0] == "False 2 []"
-    assert lines[1].startswith("True 2 ['`progress`=True needs tqdm, which is not installed (pip install tqdm)")
+    # with progress=True: the per-layer line still prints, then the warning names tqdm
+    assert lines[1].startswith("  0 [8x8]: rel.err ")
+    assert lines[2].startswith("True 2 ['`progress`=True needs tqdm, which is not installed (pip install tqdm)")

@@ -220,6 +220,11 @@ def _rel_error(w_hat, w, h) -> float:
 
 
 class _NoBar:
+    """Stands in for the tqdm bar when there is none: the per-layer lines still print."""
+
+    def write(self, line: str) -> None:
+        print(line, flush=True)
+
     def set_postfix_str(self, *args, **kwargs):
         pass
 
@@ -238,7 +243,7 @@ def _progress_bar(total: int, desc: str, show: bool):
         from tqdm.auto import tqdm
     except ModuleNotFoundError:
         warnings.warn("`progress`=True needs tqdm, which is not installed (pip install tqdm); pruning without "
-                      "a progress bar", stacklevel=3)
+                      "a progress bar (the per-layer lines still print)", stacklevel=3)
         return _NoBar()
     return tqdm(total=total, desc=desc, unit="layer")
 

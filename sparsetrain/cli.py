@@ -327,9 +327,13 @@ def fit_help(cmd: str) -> str:
         "",
         "Run options:",
         "  --config FILE       a recipe (default recipes/tiny-s-ste.yaml); repeat to layer several",
-        "  --run_name NAME     the run's directory under trainer.default_root_dir (default: the next run_N)",
+        ("  --run_name NAME     the run's directory under trainer.default_root_dir (default: the next run_N)"
+         if cmd == "fit" else
+         "  --run_name NAME     the run under trainer.default_root_dir to evaluate (default: the newest)"),
         "  --ckpt_path P       resume (fit) or evaluate: a .ckpt file, a run directory (its newest good",
         "                      checkpoint) or `last` (newest checkpoint of --run_name, else of the newest run)",
+        *(["                      (default for validate/test: `last`; the result goes to the run's",
+           "                      evaluations.jsonl, which `sparsetrain report` lists)"] if cmd != "fit" else []),
         "  --threads N         torch CPU threads (default: the cores not busy with other processes)",
         "  --debug             show full tracebacks (also SPARSETRAIN_DEBUG=1)",
         "  --print_config      print the resolved config and exit",

@@ -165,6 +165,15 @@ def test_evaluating_with_no_run_is_one_line_and_creates_nothing(tmp_path):
     assert "sparsetrain fit" in line and not root.exists()
 
 
+def test_evaluation_help_says_what_is_evaluated_and_where_it_goes():
+    rc, out, _, _ = _run(["test", "--help"])
+    assert rc == 0
+    assert "(default for validate/test: `last`; the result goes to the run's" in out
+    assert "evaluations.jsonl" in out and "to evaluate (default: the newest)" in out
+    rc, out, _, _ = _run(["fit", "--help"])
+    assert "default for validate/test" not in out and "(default: the next run_N)" in out
+
+
 def test_evaluating_a_checkpoint_outside_a_run_records_nothing(short_run, tmp_path):
     run, cache, _ = short_run
     loose = tmp_path / "loose"

@@ -610,9 +610,10 @@ def _improve(keep: torch.Tensor, score: torch.Tensor, n: int) -> torch.Tensor:
     is already a valid pattern comes back unchanged.
 
     Each round, per tile: positive 2-cycles (pairwise swaps) on disjoint row pairs, which do not
-    interact; where there is none, the best 3- or 4-cycle (from the max-plus square of ``G``);
-    where there is none either, any positive cycle by Bellman-Ford. Tiles without one leave the
-    loop. Gains are in units of the tile's largest score and must exceed a few float roundings per
+    interact; where there is none, the best 3- or 4-cycles (from the max-plus square of ``G``).
+    Tiles with neither are set aside; once no tile has a short cycle left, Bellman-Ford looks for
+    any positive cycle in the set-aside tiles (one pass for all, instead of one per round): tiles
+    with one apply it and go back to the rounds, the others are optimal. Gains are in units of the tile's largest score and must exceed a few float roundings per
     edge, so float noise never triggers a move and every move increases the kept score.
     """
     b, m, _ = keep.shape
@@ -626,6 +627,7 @@ def _improve(keep: torch.Tensor, score: torch.Tensor, n: int) -> torch.Tensor:
     tol = 4 * m * torch.finfo(dt).eps
     rows = torch.arange(m, device=dev)
     active = torch.arange(b, device=dev)
+    parked = []  # tiles without a short positive cycle, for `_long_cycles`
     for _ in range(_IMPROVE_MAX_ROUNDS_PER_M * m):
         k, s = keep[active], s_all[active]
         a = active.numel()
@@ -665,9 +667,8 @@ def _improve(keep: torch.Tensor, score: torch.Tensor, n: int) -> torch.Tensor:
             cand[4].diagonal(dim1=1, dim2=2).fill_(-math.inf)
             used = torch.zeros((r_n, m), dtype=torch.bool, device=dev)
             for _ in range(3):
-                block = used[:, :, None] | used[:, None, :]
-                best3, at3 = cand[3].masked_fill(block, -math.inf).reshape(r_n, -1).max(-1)
-                best4, at4 = cand[4].masked_fill(block, -math.inf).reshape(r_n, -1).max(-1)
+                best3, at3 = cand[3].reshape(r_n, -1).max(-1)
+                best4, at4 = cand[4].reshape(r_n, -1).max(-1)
                 use3 = (best3 > tol) & (best3 >= best4)
                 use4 = (best4 > tol) & ~use3
                 if not bool((use3 | use4).any()):
@@ -695,15 +696,10 @@ def _improve(keep: torch.Tensor, score: torch.Tensor, n: int) -> torch.Tensor:
                     for x, y in path:
                         _move(k, add, drop, t[ok], x[ok], y[ok])
                         used[ti_[ok], x[ok]] = True
+                        for c in cand.values():  # a used row starts or ends no later pick
+                            c[ti_[ok], x[ok], :] = -math.inf
+                            c[ti_[ok], :, x[ok]] = -math.inf
                     cycled[t[ok]] = True
-            # Longer cycles, only where nothing shorter gains.
-            rest2 = rest[~cycled[rest]]
-            if rest2.numel() > 0:
-                ok, edges = _bellman_ford_cycles(g[rest2], tol)
-                for u, v, on in edges:
-                    sel = on & ok
-                    _move(k, add, drop, rest2[sel], u[sel], v[sel])
-                cycled[rest2[ok]] = True
 
         moved = swapped | cycled
         # Every move above keeps the counts by construction; should one ever not (a case missed),
@@ -712,10 +708,33 @@ def _improve(keep: torch.Tensor, score: torch.Tensor, n: int) -> torch.Tensor:
         _IMPROVE_STATS["broken"] += int(broken.sum())
         moved &= ~broken
         keep[active[moved]] = k[moved]
+        parked.append(active[~moved & ~broken])
         active = active[moved]
         if active.numel() == 0:
-            break
+            # No short cycle left anywhere: longer ones, by Bellman-Ford, in the set-aside tiles.
+            active = _long_cycles(keep, s_all, torch.cat(parked), n, tol)
+            parked = []
+            if active.numel() == 0:
+                break
     return keep
+
+
+def _long_cycles(keep: torch.Tensor, s_all: torch.Tensor, tiles: torch.Tensor, n: int, tol: float) -> torch.Tensor:
+    """Apply one positive cycle (Bellman-Ford) in each of ``tiles`` that has one; return those."""
+    if tiles.numel() == 0:
+        return tiles
+    k, s = keep[tiles], s_all[tiles]
+    add = s.masked_fill(k, -math.inf)
+    drop = s.masked_fill(~k, math.inf)
+    ok, edges = _bellman_ford_cycles(_maxplus(add, -drop), tol)
+    for u, v, on in edges:
+        sel = on & ok
+        _move(k, add, drop, torch.nonzero(sel).flatten(), u[sel], v[sel])
+    valid = ~((k.sum(-1) != n).any(-1) | (k.sum(-2) != n).any(-1))
+    _IMPROVE_STATS["broken"] += int((ok & ~valid).sum())
+    ok &= valid
+    keep[tiles[ok]] = k[ok]
+    return tiles[ok]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -526,6 +526,11 @@ def _tsenor(tiles: torch.Tensor, n: int, tau: float, iters: int) -> torch.Tensor
 # Local improvement: exchange cycles
 
 
+# The exchanges close the rounding's gap to the LP optimum (|N(0,1)| 512x512, 1 thread of a 2-core
+# CPU under load ~14: 2:4 / 4:8 / 8:16 / 16:32 from 0.071% / 0.234% / 0.111% / 0.070% to 0) and
+# cost 0.8x / 1.7x / 3.7x / 4.5x the time of Dykstra plus rounding (0.31 / 0.53 / 0.89 / 1.56 s on
+# top of 0.39 / 0.32 / 0.24 / 0.35 s there; the LP took 8-15 s). Most tiles need ~m/3 exchanges,
+# one or a few per round, so m sets the cost.
 # Rounds of `_improve` (each applies at least one exchange per tile still improving), per m: it
 # stops earlier once no tile improves (12 rounds at 1024x1024 16:32); the cap only bounds the work
 # should float rounding ever make gains look positive forever.

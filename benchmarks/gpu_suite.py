@@ -96,6 +96,14 @@ PEAK_GBPS = {"GH200": 4000, "H200": 4800, "H100 NVL": 3900, "H100 PCIe": 2000, "
 FFN_TARGET = {"target": 1.3, "module": "ffn", "d": 4096, "ff": 16384, "tokens": 16384, "primary": "s-ste+mvue"}
 KERNEL_TARGET = {"target": 0.7}
 E2E_TARGET = {"target": 1.1, "models": ("gpt2-124m", "gpt2-774m"), "variant": "s-ste+mvue"}
+# Issue 21: a squared-ReLU FFN (d -> ff -> d) forward+backward, its down-projection's input 2:4
+# (docs/sparse-activations.md), against the dense FFN; and one GPT-2 training step with both.
+ACT_TARGETS = {"act24": 1.2, "both": 1.5}
+ACT_VARIANTS = {  # name -> SparsityConfig fields for the FFN's two layers ("dense": plain nn.Linear)
+    "weights24": {"method": "s-ste"},
+    "act24": {"method": "dense", "activation_sparsity": "2:4"},
+    "both": {"method": "s-ste", "activation_sparsity": "2:4"},
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -806,6 +814,93 @@ def _verdict(flags) -> bool | None:
     return True
 
 
+class _Relu2(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(x).square()
+
+
+def build_relu2_ffn(variant: str, d: int, ff: int, env: Env):
+    """``(ffn, sparse layers)``: ``Linear(d, ff) -> relu^2 -> Linear(ff, d)`` for an `ACT_VARIANTS` key
+    (or ``"dense"``), swapped with `sparsify` as a model would be: weights on both layers, the
+    activation mask on the input of the second (``activation_targets``)."""
+    import sparsetrain
+
+    torch.manual_seed(0)
+    ffn = torch.nn.Sequential(torch.nn.Linear(d, ff), _Relu2(), torch.nn.Linear(ff, d)).to(env.device, env.dtype)
+    if variant == "dense":
+        return ffn, []
+    cfg = sparsetrain.SparsityConfig(targets=r"^(0|2)$", activation_targets=r"^2$", backend="auto", seed=0,
+                                     **ACT_VARIANTS[variant])
+    sparsetrain.sparsify(ffn, cfg)
+    return ffn, [layer for _, layer in sparsetrain.sparse_layers(ffn)]
+
+
+def bench_activations(env: Env, case: tuple, model: dict, batch, steps: int, rows: list | None = None,
+                      budget: Budget | None = None, row_s: float = 0.0) -> list:
+    """Issue 21's rows: the squared-ReLU FFN forward+backward for dense, 2:4 weights, 2:4 activations
+    and both (``case`` = ``(d, ff, tokens)``), each with its speedup over dense and the target of
+    `ACT_TARGETS`; then one GPT-2 (``model``, squared ReLU) training step, dense vs both."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import sparsetrain
+
+    rows = [] if rows is None else rows
+    d, ff, t = case
+    torch.manual_seed(0)
+    x = torch.randn(t, d, device=env.device, dtype=env.dtype, requires_grad=True)
+    gy = torch.randn(t, d, device=env.device, dtype=env.dtype)
+    dense_ms = None
+    for variant in ("dense", *ACT_VARIANTS):
+        if budget is not None:
+            budget.check(row_s, f"activations ffn {variant}")
+        row = {"section": "activations", "module": "relu2-ffn", "d": d, "ff": ff, "tokens": t,
+               "dtype": str(env.dtype).replace("torch.", ""), "method": variant}
+        block, layers = None, []
+        try:
+            block, layers = build_relu2_ffn(variant, d, ff, env)
+            row["ms"], row["peak_mem_bytes"] = _time_block(env, block, x, gy)
+            row["backends"] = [layer.backend_name for layer in layers]
+        except Exception as err:  # noqa: BLE001 - recorded in the row; the suite goes on
+            row["error"] = _error(err)
+        if variant == "dense":
+            dense_ms = row.get("ms")
+        else:
+            row["speedup"] = dense_ms / row["ms"] if dense_ms and row.get("ms") else None
+            if variant in ACT_TARGETS:
+                row["target_speedup"] = ACT_TARGETS[variant]
+                row["meets_target"] = _meets(row["speedup"], ACT_TARGETS[variant])
+        del block, layers
+        _free(env, row)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if budget is not None:
+        budget.check(row_s * 4, "activations gpt2 step")
+    cfg = GPT2Config(**{**model, "activation_function": "relu2"})
+    row = {"section": "activations", "module": "gpt2-relu2-step", "config": dict(model), "batch": list(batch),
+           "dtype": str(env.dtype).replace("torch.", "")}
+    for variant in ("dense", "both"):
+        res, net, opt = {}, None, None
+        try:
+            torch.manual_seed(0)
+            net = GPT2LMHeadModel(cfg).to(env.device, env.dtype)
+            if variant != "dense":
+                sparsetrain.sparsify(net, sparsetrain.SparsityConfig(seed=0, **ACT_VARIANTS[variant]))
+                res["backends"] = dict(Counter(layer.backend_name for _, layer in sparsetrain.sparse_layers(net)))
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+            ids = torch.randint(0, cfg.vocab_size, tuple(batch), device=env.device)
+            res.update(_time_training(env, net, opt, ids, steps, 1))
+        except Exception as err:  # noqa: BLE001 - recorded in the row
+            res["error"] = _error(err)
+        row[variant] = res
+        del net, opt
+        _free(env, res)
+    a, b = row["dense"].get("ms"), row["both"].get("ms")
+    row["speedup"] = a / b if a and b else None
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    return rows
+
+
 def summarize_targets(result: dict) -> dict:
     """The three targets, each with the rows it applies to and ``met`` (None: not evaluated)."""
     layers = result.get("layers") if isinstance(result.get("layers"), list) else []
@@ -877,23 +972,24 @@ SMOKE = {
     "models": {"gpt2-smoke": {"n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 256, "n_positions": 64,
                               "bos_token_id": 0, "eos_token_id": 0}},
     "batch": (2, 64), "steps": 3, "e2e_warmup": 1, "warmup": 1, "reps": 3, "estimates": SMOKE_ESTIMATES,
+    "act_case": (64, 256, 64),
 }
 _TARGET_CASE = (FFN_SHAPES[-1], FFN_TARGET["tokens"], (FFN_TARGET["module"],))
 QUICK = {
     "target_case": _TARGET_CASE, "layer_cases": _layer_cases([FFN_SHAPES[0], FFN_SHAPES[-1]], [16384], _TARGET_CASE),
     "kernel_sizes": [(4096, 4096), (11008, 4096)],
     "models": {"gpt2-124m": GPT2_SIZES["gpt2-124m"]}, "batch": (8, 1024), "steps": 5, "e2e_warmup": 3,
-    "warmup": 3, "reps": 10, "estimates": GPU_ESTIMATES,
+    "warmup": 3, "reps": 10, "estimates": GPU_ESTIMATES, "act_case": (4096, 16384, 16384),
 }
 FULL = {
     "target_case": _TARGET_CASE, "layer_cases": _layer_cases(FFN_SHAPES, TOKENS, _TARGET_CASE),
     "kernel_sizes": [(4096, 4096), (16384, 16384), (11008, 4096)],
     "models": GPT2_SIZES, "batch": (8, 1024), "steps": 20, "e2e_warmup": 3, "warmup": 3, "reps": 10,
-    "estimates": GPU_ESTIMATES,
+    "estimates": GPU_ESTIMATES, "act_case": (4096, 16384, 16384),
 }
 # The target section measures the method the target is about first.
 TARGET_METHODS = (FFN_TARGET["primary"], *[m for m in METHODS if m != FFN_TARGET["primary"]])
-SECTION_ORDER = ("probes", "ffn_target", "gpu_tests", "kernels", "end_to_end", "layers")
+SECTION_ORDER = ("probes", "ffn_target", "gpu_tests", "kernels", "end_to_end", "layers", "activations")
 
 
 def _write(path: Path | None, result: dict) -> None:
@@ -918,7 +1014,7 @@ def run_suite(env: Env, plan: dict, result: dict, path: Path | None = None, budg
     result["complete"] = False
     result.setdefault("skipped", [])
     result.setdefault("sections", {})
-    for key in ("probes", "layers", "kernels", "end_to_end"):
+    for key in ("probes", "layers", "kernels", "end_to_end", "activations"):
         result.setdefault(key, [])
     _write(path, result)
 
@@ -939,6 +1035,9 @@ def run_suite(env: Env, plan: dict, result: dict, path: Path | None = None, budg
             env, plan["models"], plan["steps"], plan["batch"], plan["e2e_warmup"], rows, budget, est["e2e"])),
         "layers": ("layers", lambda rows: bench_layers(env, plan["layer_cases"], tuple(METHODS), rows, budget,
                                                        est["layer_row"])),
+        "activations": ("activations", lambda rows: bench_activations(
+            env, plan["act_case"], next(iter(plan["models"].values())), plan["batch"], plan["steps"], rows, budget,
+            est["layer_row"])),
     }
     stopped = None
     for name in SECTION_ORDER:

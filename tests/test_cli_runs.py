@@ -247,7 +247,7 @@ def test_missing_config_file_is_one_line(capsys):
 
 def test_targets_regex_that_does_not_compile(tmp_path, capsys):
     assert main(["fit", *_args(tmp_path, tmp_path / "c", "--sparsity.targets", "mlp(")]) == 2
-    assert "`sparsity.targets`='mlp(' is neither 'mlp' nor 'all' nor a valid regular expression" in _short_error(capsys)
+    assert "`sparsity.targets`='mlp(' is neither 'mlp' nor 'all' nor 'mlp_down' nor a valid regular expression" in _short_error(capsys)
     assert not any(tmp_path.iterdir())
 
 

@@ -13,22 +13,26 @@ Grid
   A fixed number of tokens per parameter would need 16x the steps at the largest size (~32k steps,
   ~8 hours a run on one shared core: 100 steps took 88 s at 256 wide, 30 s at 128, 8-16 s at 64,
   measured with `nice -n 15` at load 3-5 on the 2-core machine), so the study could not afford a
-  single seed of it. At 2x64 the budget is the one table of ``pretrain_quality.py`` was measured at
-  (the runs are comparable). What this means for reading the results: the larger models see fewer
+  single seed of it. At 2x64 this is the setup ``pretrain_quality.py``'s table was measured at:
+  ``--import-2x64 benchmarks/results/pretrain_quality.json`` adds those runs (each checked to resolve
+  to this study's configuration; a fresh run of one, dense at lr 4e-3 seed 1, gave 1.668005 against
+  its 1.668012). A whole 2000-step run took 15 min at 2x64 and ~32 min at 2x128 with `nice -n 15`
+  at load 10-12 (3-5 and ~10 min on an idle core); 2x256 is ~3x 2x128. What this means for reading the results: the larger models see fewer
   tokens per parameter (about 42, 10 and 2.6 tokens per non-embedding weight), i.e. they are
   further from convergence; a 2:4 gap that shrinks with size here may partly be a gap that has not
   opened yet, which is what GPU-scale runs (far more tokens per parameter) must check.
 
   Learning rate: a sweep at one seed (``--phase sweep``) of the rows in ``SWEEP_ROWS`` (dense and
-  STE, and the squared-ReLU pair once it exists) over ``LRS`` (a factor-2 ladder; the min lr stays
+  STE, and the squared-ReLU pair, measured against each other) over ``LRS`` (a factor-2 ladder; the min lr stays
   the recipe's 2e-4 and the warm-up 10% of the steps, as in ``pretrain_quality.py``). Each row then
   runs at the best lr of the swept row it is measured by (``lr_of``: sparse rows at STE's best lr,
   dense rows at dense's), so dense and STE are each compared at their own best rate. A best lr at
   the edge of the ladder is flagged in the table: extend the sweep there.
 
   Seeds (``--phase seeds``): every row in ``ROWS`` at its chosen lr, seeds 1-3 (seed 1 reuses the
-  sweep's run). Rows whose feature is not on main yet (CAST, squared ReLU, 2:4 activations, an lr
-  re-warm at the switch to sparse) are declared and skipped with a message until it lands.
+  sweep's run). Rows whose feature is not on main yet (CAST, 2:4 activations, an lr re-warm at the
+  switch to sparse) are declared and skipped with a message until it lands; check their overrides
+  against the feature's docs when it does.
 
 Output: ``benchmarks/results/pretrain_quality_scale.json``, one record per run (``size``,
 ``ffn_params``, ``row``, ``lr``, ``seed``, ``steps``, ``final_val_loss``, ..., and the commit, dirty
@@ -603,6 +607,11 @@ def main(argv=None) -> int:
     if args.list:
         for t in todo:
             print("todo: size {} row {} lr {:g} seed {}".format(*t))
+        for size in args.sizes:  # what the rest costs, from this size's own recorded runs
+            n = sum(t[0] == size for t in todo)
+            walls = [r["wall_s"] for r in runs if r["size"] == size and r.get("wall_s") and not r.get("imported_from")]
+            est = f"~{n * statistics.fmean(walls) / 3600:.1f} h at the {len(walls)} recorded run(s)' mean" if walls else "no timing yet"
+            print(f"{size}: {n} run(s) to do, {est}")
         return 0
     if not todo:
         print("nothing to do: every requested run is in the JSON")

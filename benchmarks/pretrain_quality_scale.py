@@ -377,13 +377,16 @@ def mean_ci(xs: list[float]) -> tuple[float, float | None]:
     return m, _t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
-def compare(row: dict[int, float], dense: dict[int, float], ste: dict[int, float]) -> dict:
+def compare(row: dict[int, float], dense: dict[int, float], ste: dict[int, float],
+            half: dict[int, float] | None = None) -> dict:
     """One row's final losses by seed against its dense and STE references (by seed).
 
     ``gap_to_dense``: mean(row) - mean(dense) over each one's own seeds. ``closed_of_means``:
     ``(STE - row) / (STE - dense)`` of the means over the seeds all three share. ``closed_per_seed``:
     the same at each shared seed (None where STE is not behind dense at that seed: nothing to close).
-    ``paired_to_ste``: mean over shared seeds of row - STE, with its 95% t-interval (n >= 2)."""
+    ``paired_to_ste``: mean over shared seeds of row - STE, with its 95% t-interval (n >= 2);
+    ``paired_to_half`` the same against the half-wide-FFN dense model (``half``, the same non-zeros):
+    is the 2:4 model better than simply a smaller dense one?"""
     out = {"n": len(row), "seeds": sorted(row), "mean": statistics.fmean(row.values()),
            "std": statistics.stdev(row.values()) if len(row) > 1 else 0.0}
     if dense:
@@ -396,11 +399,11 @@ def compare(row: dict[int, float], dense: dict[int, float], ste: dict[int, float
                                   for s in common}
         defined = [v for v in out["closed_per_seed"].values() if v is not None]
         out["closed_min"] = min(defined) if defined else None
-    paired = [row[s] - ste[s] for s in sorted(row) if s in ste]
-    if len(paired) >= 2:
-        m, half = mean_ci(paired)
-        out["paired_to_ste"] = {"mean": m, "ci95": [m - half, m + half], "n": len(paired),
-                                "excludes_zero": (m - half) * (m + half) > 0}
+    for name, ref in (("paired_to_ste", ste), ("paired_to_half", half or {})):
+        paired = [row[s] - ref[s] for s in sorted(row) if s in ref]
+        if len(paired) >= 2:
+            m, h = mean_ci(paired)
+            out[name] = {"mean": m, "ci95": [m - h, m + h], "n": len(paired), "excludes_zero": (m - h) * (m + h) > 0}
     return out
 
 
@@ -438,8 +441,10 @@ def summarise(runs: list[dict], steps: int = STEPS) -> dict:
             ref_d, ref_s = REFERENCES[ROWS[row]["family"]]
             dense = by_row.get(ref_d, (None, {}))[1]
             ste = by_row.get(ref_s, (None, {}))[1]
+            half_row = HALF_ROWS[ROWS[row]["family"]]
+            half = by_row.get(half_row, (None, {}))[1] if row not in (half_row, ref_d) else {}
             table[row] = {"lr": lr, "provisional_lr": provisional, "compared_with": [ref_d, ref_s], "losses": seeds,
-                          **compare(seeds, dense, ste if row != ref_s else {})}
+                          **compare(seeds, dense, ste if row != ref_s else {}, half)}
         out[size] = {"ffn_params": ffn_params(size), "sweep": sweep, "rows": table}
     return out
 
@@ -462,18 +467,18 @@ def markdown(summary: dict) -> str:
                 lines.append(f"| {row} | " + " | ".join(cells) + f" | {v['best_lr']:g}{edge} |")
             lines.append("")
         lines += ["| row | lr | final val loss (mean ± std) | gap to dense | STE gap closed (of means; per seed) | "
-                  "paired diff to STE [95% CI] |", "|---|---:|---:|---:|---|---|"]
+                  "paired diff to STE [95% CI] | paired diff to half-wide dense [95% CI] |", "|---|---:|---:|---:|---|---|---|"]
         for row, e in s["rows"].items():
             closed = "-"
             if "closed_per_seed" in e:
                 closed = f"{pct(e['closed_of_means'])}; " + ", ".join(pct(v) for v in e["closed_per_seed"].values())
-            p = e.get("paired_to_ste")
-            p_s = f"{p['mean']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]" if p else "-"
+            p_s, h_s = (f"{p['mean']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]" if p else "-"
+                        for p in (e.get("paired_to_ste"), e.get("paired_to_half")))
             gap = f"{e['gap_to_dense']:+.4f}" if "gap_to_dense" in e else "-"
             ref = "" if e["compared_with"] == ["dense", "ste"] else f" (vs {', '.join(e['compared_with'])})"
             lr = f"{e['lr']:g}" + (" (sweep incomplete)" if e["provisional_lr"] else "")
             lines.append(f"| {row} (n={e['n']}){ref} | {lr} | {e['mean']:.4f} ± {e['std']:.4f} | {gap} | "
-                         f"{closed} | {p_s} |")
+                         f"{closed} | {p_s} | {h_s} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -271,3 +271,16 @@ def test_rows_before_the_sweep_is_complete_use_the_best_lr_so_far_and_say_so(ben
     assert rows["recipe"]["lr"] == 4e-3 and rows["recipe"]["losses"] == {1: 1.00}
     assert "(sweep incomplete)" in bench.markdown(bench.summarise(runs))
     assert bench.summarise(_study(bench))["2x64"]["rows"]["ste"]["provisional_lr"] is False
+
+
+def test_paired_difference_to_the_half_wide_dense_model(bench):
+    row = {1: 1.40, 2: 1.41, 3: 1.42}
+    half = {1: 1.45, 2: 1.47, 3: 1.44, 4: 9.0}  # seed 4: not the row's, left out
+    e = bench.compare(row, {1: 1.3}, {1: 1.5}, half)
+    # -0.05, -0.06, -0.02: mean -0.13/3, deviations (-0.02/3, -0.05/3, 0.07/3), sd sqrt(0.0078/9/2)
+    m, sd = -0.13 / 3, math.sqrt(0.0078 / 9 / 2)
+    p = e["paired_to_half"]
+    assert p["n"] == 3 and p["mean"] == pytest.approx(m)
+    assert p["ci95"] == [pytest.approx(m - T975_DF2 * sd / math.sqrt(3)), pytest.approx(m + T975_DF2 * sd / math.sqrt(3))]
+    assert p["excludes_zero"] is False  # half-width ~0.052 > 0.043
+    assert "paired_to_half" not in bench.compare(row, {1: 1.3}, {1: 1.5})

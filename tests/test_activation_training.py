@@ -249,3 +249,28 @@ def test_export_metadata_and_plain_transformers_model():
         torch.testing.assert_close(plain(input_ids=batch).logits, model(input_ids=batch).logits, rtol=1e-5, atol=1e-5)
     for h in hooks:
         h.remove()
+
+
+def test_ddp_matches_one_process(tmp_path):
+    """Two gloo ranks, each on half of every global batch, train to the one-process weights."""
+    import os
+    import subprocess
+    import sys
+
+    import act_ddp_worker as A
+    import dist_worker as W
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, A.__file__, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(W.WORLD)]
+    model = A.build_model()
+    sparsity = st.Sparsifier(model, A.config())
+    single = W.train(model, sparsity, torch.optim.SGD(model.parameters(), lr=A.LR), W.batches())
+    assert sum(layer.input_nm is not None for _, layer in sparsity.layers) == 2
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["loss"]), torch.tensor(single["loss"]), rtol=0, atol=1e-5)
+        for name, p in model.named_parameters():
+            # Ranks average gradients in another order than one process sums them: float32 rounding.
+            torch.testing.assert_close(r["params"][name], p.detach(), rtol=0, atol=2e-5, msg=name)

@@ -665,6 +665,16 @@ def fit_summary(cli, state: Dict[str, Any]) -> str:
     if final is not None:
         metrics.update(final.numbers)
     ckpts = [c for c in run_checkpoints(run_dir) if checkpoint_problem(c) is None]
+    export_from = run_dir
+    if not ckpts:
+        # A config that names its own checkpoint folder (`ModelCheckpoint(dirpath=...)`) saves
+        # outside the run directory: name the file the callback wrote, and export that file.
+        for cb in trainer.checkpoint_callbacks:
+            written = [Path(p) for p in (cb.last_model_path, cb.best_model_path) if p]
+            good = [p for p in written if checkpoint_problem(p) is None]
+            if good:
+                ckpts, export_from = good[:1], good[0]
+                break
     summary = state.get("summary")
     wall = (summary.ended - summary.started) if summary is not None and summary.ended else None
     out = Path("exported") / f"{run_dir.parent.name}-{run_dir.name}"
@@ -678,7 +688,7 @@ def fit_summary(cli, state: Dict[str, Any]) -> str:
     if ckpts:
         import shlex
 
-        lines.append(f"  export: sparsetrain export --ckpt {shlex.quote(str(run_dir))} --out {shlex.quote(str(out))}")
+        lines.append(f"  export: sparsetrain export --ckpt {shlex.quote(str(export_from))} --out {shlex.quote(str(out))}")
     return "\n".join(lines)
 
 

@@ -266,6 +266,30 @@ def test_resume_of_a_finished_run_says_to_raise_max_steps(short_run, tmp_path):
     assert sorted(str(p) for p in root.rglob("*")) == before
 
 
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_recipes_leave_checkpoints_and_logs_to_the_run_directory(recipe):
+    # A fixed `dirpath` or logger makes every run of the recipe share one folder: `--ckpt_path last`,
+    # a bare `validate` and the summary's checkpoint line look in the run directory.
+    import yaml
+
+    trainer = yaml.safe_load((REPO / "recipes" / recipe).read_text()).get("trainer") or {}
+    assert "logger" not in trainer
+    for cb in trainer.get("callbacks") or []:
+        assert "dirpath" not in (cb.get("init_args") or {}), cb
+
+
+def test_summary_names_a_checkpoint_written_outside_the_run_directory(short_run, tmp_path):
+    _, cache, _ = short_run
+    shared = tmp_path / "shared"
+    rc, out, err, _ = _run(["fit", *_args(tmp_path / "root", cache, "--trainer.max_steps", "1",
+                                           "--trainer.callbacks.init_args.dirpath", str(shared))])
+    assert rc == 0, err
+    assert f"checkpoint: {shared / 'last.ckpt'}" in out
+    line = next(l for l in out.splitlines() if "export: sparsetrain export" in l)
+    assert f"--ckpt {shared / 'last.ckpt'} --out" in line
+    assert torch.load(shared / "last.ckpt", weights_only=False, map_location="cpu")["global_step"] == 1
+
+
 # ------------------------------------------------------------------------------------ item 10: unreachable data
 
 @pytest.mark.timeout(120)

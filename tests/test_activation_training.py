@@ -214,6 +214,8 @@ def test_config_errors_and_fingerprint():
         st.SparsityConfig(activation_sparsity="2:4", mvue="exact")
     with pytest.raises(ValueError, match="activation_targets` selects layer"):
         st.sparsify(gpt2_relu2(), st.SparsityConfig(method="ste", targets=r"c_fc$", activation_sparsity="2:4"))
+    with pytest.raises(ValueError, match=r"`activation_targets`='\(' is neither"):
+        st.sparsify(gpt2_relu2(), st.SparsityConfig(method="dense", activation_sparsity="2:4", activation_targets="("))
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         st.sparsify(gpt2_relu2(), st.SparsityConfig(method="dense", activation_sparsity="2:4", activation_targets="nothing"))
     # A resume must match the activation settings (the engine's fingerprint).

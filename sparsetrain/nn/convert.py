@@ -115,7 +115,10 @@ def _activation_targets(model: nn.Module, config: SparsityConfig, weight_targets
     nm = config.activation_nm
     if nm is None:
         return set()
-    chosen = select_targets(model, config.activation_targets, exclude=exclude)[0]
+    try:
+        chosen = select_targets(model, config.activation_targets, exclude=exclude)[0]
+    except ValueError as err:  # the grammar's message names `targets`: say which field it was
+        raise ValueError(str(err).replace("`targets`", "`activation_targets`", 1)) from None
     if not chosen:
         names = list(select_targets(model, lambda mod, name: True, exclude=exclude)[0])[:8]
         raise ValueError(

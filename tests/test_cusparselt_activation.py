@@ -114,3 +114,42 @@ def test_fake_refuses_an_unmasked_activation(cslt):
     x = torch.ones(16, 64, dtype=torch.bfloat16)
     with pytest.raises(CusparseLtContractError, match="not 2:4"):
         torch._cslt_compress(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_mask", [None, "nm", "transposable"])
+def test_gpu_products_match_loop_reference(weight_mask):
+    """On a real GPU with cuSPARSELt: the same products and bounds as the emulated test above."""
+    if not cusparselt.can_use(torch.zeros(64, 64, device="cuda", dtype=torch.bfloat16))[0]:
+        pytest.skip("cuSPARSELt cannot run here")
+    dtype, t, d_in, d_out = torch.bfloat16, 200, 256, 128
+    x, w, b = _inputs(t, d_in, d_out, dtype, weight_mask)
+    x, w, b = (v.detach().cuda().requires_grad_(True) for v in (x, w, b))
+    y = cusparselt_activation.activation_linear(x, w, b, cache={"key": 0}, transposable=weight_mask == "transposable")
+    gy = torch.randn(t, d_out, generator=torch.Generator().manual_seed(9)).to(dtype).cuda()
+    dx, dw, db = torch.autograd.grad(y, [x, w, b], gy)
+    mask = torch.tensor(loop_mask(x.detach().double().cpu().tolist(), 2, 4))
+    xt = x.detach().double().cpu() * mask
+    w64, g64 = w.detach().double().cpu(), gy.double().cpu()
+    _close(y.cpu(), xt @ w64.t() + b.detach().double().cpu(), dtype, d_in)
+    _close(dx.cpu(), mask * (g64 @ w64), dtype, d_out)
+    _close(dw.cpu(), g64.t() @ xt, dtype, t)
+    _close(db.cpu(), g64.sum(0), dtype, t)
+
+
+@pytest.mark.gpu
+def test_gpu_layer_uses_cusparselt_for_sparse_inputs():
+    import sparsetrain as st
+
+    if not cusparselt.can_use(torch.zeros(64, 64, device="cuda", dtype=torch.bfloat16))[0]:
+        pytest.skip("cuSPARSELt cannot run here")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64)).cuda().bfloat16()
+    st.sparsify(net, st.SparsityConfig(method="ste", targets=r"^2$", activation_targets=r"^2$", activation_sparsity="2:4"))
+    x = torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)
+    y = net(x)
+    assert net[2].backend_name == "cusparselt"
+    h = net[1](net[0](x)).double()
+    mask = torch.tensor(loop_mask(h.cpu().tolist(), 2, 4)).cuda()
+    ref = (h * mask) @ net[2].effective_weight().double().t() + net[2].bias.double()
+    _close(y, ref, torch.bfloat16, 256)

@@ -15,8 +15,10 @@ Grid
   measured with `nice -n 15` at load 3-5 on the 2-core machine), so the study could not afford a
   single seed of it. At 2x64 this is the setup ``pretrain_quality.py``'s table was measured at:
   ``--import-2x64 benchmarks/results/pretrain_quality.json`` adds those runs (each checked to resolve
-  to this study's configuration; a fresh run of one, dense at lr 4e-3 seed 1, gave 1.668005 against
-  its 1.668012). A whole 2000-step run took 15 min at 2x64 and ~32 min at 2x128 with `nice -n 15`
+  to this study's configuration). Fresh reruns: dense at lr 4e-3 seed 1 gave 1.668005 against its
+  1.668012, but STE at lr 4e-3 seed 1 gave 1.7354 against 1.7226 (one seed's spread; the README
+  says what was ruled out), so imported sparse runs are draws of the same distribution, not
+  reruns of the same run. A whole 2000-step run took 15 min at 2x64 and ~32 min at 2x128 with `nice -n 15`
   at load 10-12 (3-5 and ~10 min on an idle core); 2x256 is ~3x 2x128. What this means for reading the results: the larger models see fewer
   tokens per parameter (about 42, 10 and 2.6 tokens per non-embedding weight), i.e. they are
   further from convergence; a 2:4 gap that shrinks with size here may partly be a gap that has not

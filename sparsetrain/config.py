@@ -74,6 +74,11 @@ def _check_step_or_fraction(name: str, value, minimum: int = 0) -> None:
         raise ValueError(f"`{name}` as a step must be >= {minimum}, got {value!r}")
 
 
+def _decaying_methods() -> List[str]:
+    """The methods that add a per-step term to the gradient (SR-STE's decay and the like)."""
+    return [x.name for x in _methods.all_methods() if type(x).add_step_term_ is not _methods.Method.add_step_term_]
+
+
 def _method_help() -> str:
     return "the sparse-training method: " + "; ".join(
         f'``"{meth.name}"`` ({meth.summary})' for meth in _methods.all_methods()
@@ -99,7 +104,7 @@ class SparsityConfig:
         "module names, or a callable ``(module, name) -> bool``.")
     srste_decay: float = _field(
         2e-4, "math", "lambda_W of SR-STE: ``srste_decay * (1 - mask) * W`` is added to the gradient once per "
-        "optimizer step (Zhou et al. 2021 use 2e-4). Used by method='sr-ste' only.")
+        "optimizer step (Zhou et al. 2021 use 2e-4). Used by SR-STE only.")
     masked_decay: Optional[float] = _field(
         None, "math", "if set, ``masked_decay * (1 - mask) * W`` is added to the gradient after clipping, right "
         "before the optimizer step, for any sparse method (the T-SR-STE recipe uses 6e-5 or 2e-4).",
@@ -213,7 +218,7 @@ class SparsityConfig:
             supported = _fmt_choices([x.name for x in _methods.all_methods() if x.transposable])
             raise ValueError(
                 f"`transposable=True` is supported for method {supported} (the T-SR-STE recipe), not "
-                f"method={self.method!r}" + (". Use method='sr-ste'." if meth.sparse else "")
+                f"method={self.method!r}"
             )
         self._check_schedules(meth, sparse_names)
         self._check_activations()
@@ -253,12 +258,13 @@ class SparsityConfig:
                 )
         if self.threshold_ramp is not None and not meth.supports_ramp:
             raise ValueError(
-                f"`threshold_ramp` ramps S-STE's soft threshold and needs method='s-ste', got method={self.method!r}"
+                f"`threshold_ramp` ramps S-STE's soft threshold and needs method="
+                f"{' or '.join(repr(x.name) for x in _methods.all_methods() if x.supports_ramp)}, got method={self.method!r}"
             )
         if self.decay_ramp is not None and not (meth.has_step_term(self) or self.masked_decay):
             raise ValueError(
-                f"`decay_ramp`={self.decay_ramp!r} would do nothing: no decay is active. Use method='sr-ste' "
-                f"(srste_decay > 0) or set `masked_decay`."
+                f"`decay_ramp`={self.decay_ramp!r} would do nothing: no decay is active. Use a method with a "
+                f"per-step decay ({_fmt_choices(_decaying_methods())}) or set `masked_decay`."
             )
         if self.prune_at is not None and self.dense_warmup is not None:
             raise ValueError(

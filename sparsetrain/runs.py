@@ -281,9 +281,10 @@ def config_mismatch(ckpt: Dict[str, Any], model: Dict[str, Any], sparsity: Optio
         old = {"method": "dense"} if "hyper_parameters" in ckpt else None
     if old is not None and sparsity is not None:
         from . import methods
-        from .config import resume_fields
+        from .config import field_info, resume_fields
 
-        old_method, new_method = old.get("method", "s-ste"), sparsity.get("method", "s-ste")
+        default = field_info("method")["default"]
+        old_method, new_method = old.get("method", default), sparsity.get("method", default)
         if old_method != new_method:
             return "sparsity.method", old_method, new_method
         if old_method in methods.names() and not methods.get(old_method).sparse \

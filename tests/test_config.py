@@ -141,3 +141,25 @@ def test_export_metadata_records_the_resume_fields():
     assert meta["training"] == {f: cfg[f] for f in resume_fields()}
     dense = sparsity_metadata(None, [], dataclasses.asdict(SparsityConfig(method="dense")), 7)
     assert dense["n"] is None and dense["layers"] == [] and dense["training"]["method"] == "dense"
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(16, 16), "fc2": nn.Linear(16, 16)})  # "mlp", "mlp_down": fc2
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.proj(self.mlp["fc2"](torch.relu(self.mlp["fc1"](x))))
+
+
+@pytest.mark.parametrize("field", sorted(CHANGES))
+def test_engine_refuses_to_resume_with_a_changed_field(field):
+    from sparsetrain import Sparsifier
+
+    old, new = _pair(field)
+    torch.manual_seed(0)
+    state = Sparsifier(_Tiny(), old).state_dict()
+    Sparsifier(_Tiny(), old).load_state_dict(state)  # the same config resumes
+    with pytest.raises(ValueError, match=rf"Cannot resume: the checkpoint was trained with sparsity\.{field}="):
+        Sparsifier(_Tiny(), new).load_state_dict(state)

@@ -23,39 +23,38 @@ from ..methods import decay_term
 from ..nn.linear import SparseLinear, local_tensor
 from ._dist import ShardSum, nonfinite_flags
 
-__all__ = ["GradientRules", "decay_rate", "needs_step_mask", "initial_betas", "method_metrics"]
+__all__ = ["GradientRules", "decay_rate", "has_decay", "needs_step_mask", "initial_betas", "method_metrics"]
 
 Layers = Sequence[Tuple[str, SparseLinear]]
 
 
 def decay_rate(config: SparsityConfig) -> float:
-    """The factor on ``(1 - mask) * W`` added to the gradient each step (before the decay ramp)."""
-    return (config.srste_decay if config.method == "sr-ste" else 0.0) + (config.masked_decay or 0.0)
+    """The factor on ``(1 - mask) * W`` added to the gradient each step for every method
+    (``masked_decay``; before the decay ramp). A method's own term is `Method.add_step_term_`."""
+    return config.masked_decay or 0.0
+
+
+def has_decay(config: SparsityConfig) -> bool:
+    """True when a per-step term changes the gradient: the method's own (SR-STE's decay) or ``masked_decay``."""
+    return config.rule.has_step_term(config) or bool(decay_rate(config))
 
 
 def needs_step_mask(config: SparsityConfig) -> bool:
     """True when a per-step rule reads the mask of the current weights (decays, ``flip_moments``)."""
-    return bool(decay_rate(config)) or config.flip_moments is not None
+    return has_decay(config) or config.flip_moments is not None
 
 
 @torch.no_grad()
 def initial_betas(layers: Layers, config: SparsityConfig, reduce: ShardSum) -> Optional[List[torch.Tensor]]:
-    """S-STE's beta per layer from the weights as they are now, or None for a method without one.
-
-    ``sum <W, S(W)> / sum <S(W), S(W)>``, the sums over all shards (one all-reduce for all layers)."""
-    if config.method != "s-ste":
+    """The method's per-layer scale (S-STE's beta) from the weights as they are now, or None for a
+    method without one. The method's sums over the weight (float64) are added up over all shards
+    with one all-reduce for all layers."""
+    rule = config.rule
+    if not rule.has_scale:
         return None
-    from ..ops.nm import soft_threshold
-
-    sums = []
-    for _, layer in layers:
-        w = local_tensor(layer.weight.detach()).float()
-        s = soft_threshold(w, config.n, config.m)
-        sums.append(torch.stack([(w * s).sum(), (s * s).sum()]))
-    sums = reduce(torch.stack(sums))  # (layers, 2)
-    num, den = sums.unbind(-1)
-    beta = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(den))
-    return list(beta.unbind(0))
+    stats = torch.stack([rule.scale_stats(local_tensor(layer.weight.detach()), config.n, config.m)
+                         for _, layer in layers])  # (layers, stats)
+    return [rule.scale_from_stats(row) for row in reduce(stats).unbind(0)]
 
 
 class GradientRules:
@@ -105,9 +104,12 @@ class GradientRules:
 
     @torch.no_grad()
     def apply_decays(self, layers: Layers, scale: float, mask_of: Callable[[str, SparseLinear], torch.Tensor]) -> None:
-        """``grad += scale * decay_rate * (1 - mask) * W`` for every layer with a gradient."""
-        alpha = decay_rate(self.config) * scale
-        if not alpha:
+        """The method's per-step term (`Method.add_step_term_`, e.g. SR-STE's decay) and
+        ``grad += scale * masked_decay * (1 - mask) * W``, for every layer with a gradient."""
+        cfg = self.config
+        alpha = decay_rate(cfg) * scale
+        own = cfg.rule.has_step_term(cfg) and scale > 0
+        if not alpha and not own:
             return
         for name, layer in layers:
             grad = layer.weight.grad
@@ -115,7 +117,11 @@ class GradientRules:
                 continue
             g = local_tensor(grad)
             w = local_tensor(layer.weight.detach())
-            g.add_(decay_term(w, mask_of(name, layer)).to(g.dtype), alpha=alpha)
+            mask = mask_of(name, layer)
+            if own:
+                cfg.rule.add_step_term_(g, w, mask, cfg, scale)
+            if alpha:
+                g.add_(decay_term(w, mask).to(g.dtype), alpha=alpha)
 
     @torch.no_grad()
     def reset_flipped_moments(self, optimizer: Optional[torch.optim.Optimizer], layer: SparseLinear,
@@ -133,7 +139,7 @@ class GradientRules:
 
 
 def method_metrics(layers: Layers, config: SparsityConfig) -> dict:
-    """The metrics a method adds to the engine's: S-STE's mean beta."""
-    if config.method != "s-ste":
+    """The metrics a method adds to the engine's: the mean of its per-layer scale (S-STE's beta)."""
+    if not config.rule.has_scale:
         return {}
     return {"sparsity/beta_mean": sum(float(layer.beta) for _, layer in layers) / len(layers)}

@@ -9,17 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence, Tuple
 
-from ..config import SparsityConfig
+from ..config import MATH_FIELDS, SparsityConfig
 
 __all__ = ["MATH_FIELDS", "STATE_FORMAT", "fingerprint", "check_adopted", "check_resume"]
 
-# Config fields that change what is computed: a resume must not change them.
-MATH_FIELDS = (
-    "method", "n", "m", "targets", "mvue", "fp8", "transposable", "transposable_method",
-    "mask_update_interval", "srste_decay", "masked_decay", "dense_finetune_from",
-    "dense_warmup", "threshold_ramp", "decay_ramp", "flip_moments", "prune_at", "prune_method",
-    "prune_calibration_steps", "activation_sparsity", "activation_targets",
-)
+# MATH_FIELDS (re-exported): the fields a resume must keep, as `sparsetrain.config` declares them.
 STATE_FORMAT = 2
 
 

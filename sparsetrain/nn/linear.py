@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import backends
-from ..config import SparsityConfig
+from ..config import SparsityConfig, engine_requirements
 from ..methods import effective_weight, masked_weight
-from ..ops.nm import check_finite, sste_scale
+from ..ops.nm import check_finite
 from ..targets import is_conv1d
 from ._packing import pack_mask, packed_numel, unpack_mask
 
@@ -48,42 +48,17 @@ def mix_seed(*values: int) -> int:
     return x >> 1
 
 
-# Config fields that only an engine (`sparsetrain.Sparsifier`, or the Lightning / transformers
-# adapters built on it) acts on, with what happens without one.
-_NEEDS_ENGINE = {
-    "sr-ste": "SR-STE's decay is applied once per optimizer step by the engine; without one it trains as plain STE",
-    "masked_decay": "`masked_decay` is applied once per optimizer step by the engine; without one it does nothing",
-    "transposable": "transposable masks are refreshed by the engine; without one the mask stays as it was built",
-    "dense_finetune_from": "`dense_finetune_from` is a schedule of the engine; without one training never switches",
-    "dense_warmup": "`dense_warmup` is a schedule of the engine; without one training is sparse from the start",
-    "threshold_ramp": "`threshold_ramp` is a schedule of the engine; without one S-STE uses its full threshold",
-    "decay_ramp": "`decay_ramp` is a schedule of the engine; without one it does nothing",
-    "flip_moments": "`flip_moments` acts on the optimizer through the engine; without one it does nothing",
-    "prune_at": "`prune_at` is a schedule of the engine; without one training is sparse from the start",
-}
+# What only an engine acts on comes from the config's declarations (`engine_requirements`: the
+# method's per-step rule and each field declared with an engine need); each warns once per process.
 _WARNED_NO_ENGINE: set = set()
 
 
-def engine_rules(config: SparsityConfig) -> List[str]:
-    """The keys of `_NEEDS_ENGINE` that ``config`` switches on (its per-step rules)."""
-    on = (("sr-ste", config.method == "sr-ste" and config.srste_decay > 0),
-          ("masked_decay", bool(config.masked_decay)),
-          ("transposable", config.transposable),
-          ("dense_finetune_from", config.dense_finetune_from is not None),
-          ("dense_warmup", config.dense_warmup is not None),
-          ("threshold_ramp", config.threshold_ramp is not None),
-          ("decay_ramp", config.decay_ramp is not None),
-          ("flip_moments", config.flip_moments is not None),
-          ("prune_at", config.prune_at is not None))
-    return [key for key, needed in on if needed]
-
-
 def _warn_without_engine(config: SparsityConfig) -> None:
-    for key in engine_rules(config):
+    for key, message in engine_requirements(config):
         if key not in _WARNED_NO_ENGINE:
             _WARNED_NO_ENGINE.add(key)
             warnings.warn(
-                f"{_NEEDS_ENGINE[key]}. Attach the engine: `sparsity = sparsetrain.Sparsifier(model, cfg); "
+                f"{message}. Attach the engine: `sparsity = sparsetrain.Sparsifier(model, cfg); "
                 f"sparsity.attach(optimizer)` (or use the SparseTraining / SparseTrainerCallback adapters).",
                 stacklevel=3,
             )
@@ -275,9 +250,9 @@ class SparseLinear(nn.Linear):
             return
         self._state_version += 1  # W~ may change (beta, mask): a cached compressed W~ is stale
         with torch.no_grad():
-            if self.config.method == "s-ste":
+            if self.config.rule.has_scale:
                 if beta is None:
-                    beta = sste_scale(local_tensor(self.weight.detach()), self.config.n, self.config.m)
+                    beta = self.config.rule.scale(local_tensor(self.weight.detach()), self.config.n, self.config.m)
                 self.beta.copy_(beta)
                 self._beta_ready = True
             if self.config.transposable:
@@ -340,30 +315,27 @@ class SparseLinear(nn.Linear):
         if cfg.transposable:
             mask = unpack_mask(self.mask_packed, weight.shape)
             return weight * mask, mask
-        w_eff, mask = masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta(), ramp=self._ramp)
+        w_eff, mask = masked_weight(weight, cfg.rule, cfg.n, cfg.m, self._beta(), ramp=self._ramp)
         return w_eff, mask
 
     # ----------------------------------------------------------------------------------- forward
 
     def _beta(self) -> Optional[torch.Tensor]:
-        if self.config.method != "s-ste":
+        if not self.config.rule.has_scale:
             return None
         if not self._beta_ready:
             # Built on the meta device and filled later: the scale is taken now, once.
             with torch.no_grad():
-                self.beta.copy_(sste_scale(local_tensor(self.weight.detach()), self.config.n, self.config.m))
+                self.beta.copy_(self.config.rule.scale(local_tensor(self.weight.detach()), self.config.n, self.config.m))
             self._beta_ready = True
         return self.beta
 
-    def _method(self) -> str:
-        return self.config.method if self._sparse else "dense"
-
     def _weight_autograd(self) -> torch.Tensor:
         cfg = self.config
-        if self._method() == "dense":
+        if not self._sparse:
             return self.weight
         fixed = unpack_mask(self.mask_packed, self.weight.shape) if cfg.transposable else None
-        return effective_weight(self.weight, cfg.method, cfg.n, cfg.m, beta=self._beta(), fixed_mask=fixed, ramp=self._ramp)
+        return effective_weight(self.weight, cfg.rule, cfg.n, cfg.m, beta=self._beta(), fixed_mask=fixed, ramp=self._ramp)
 
     def effective_weight(self) -> torch.Tensor:
         """The W~ the forward uses, detached (exactly N:M unless training has switched to dense).
@@ -371,11 +343,11 @@ class SparseLinear(nn.Linear):
         Under FSDP2 the weight is gathered from all ranks first (a collective: call it on every rank)."""
         with torch.no_grad():
             weight = full_tensor(self.weight.detach())
-            if self._method() == "dense":
+            if not self._sparse:
                 return weight
             cfg = self.config
             fixed = unpack_mask(self.mask_packed, weight.shape) if cfg.transposable else None
-            return masked_weight(weight, cfg.method, cfg.n, cfg.m, self._beta(), fixed, need_mask=False, ramp=self._ramp)[0]
+            return masked_weight(weight, cfg.rule, cfg.n, cfg.m, self._beta(), fixed, need_mask=False, ramp=self._ramp)[0]
 
     def generator(self, device: torch.device) -> torch.Generator:
         """This layer's MVUE generator on ``device`` (seeded from ``seed``; created on first use).
@@ -405,11 +377,11 @@ class SparseLinear(nn.Linear):
         bias = self.bias
         if self.input_sparse_active:
             return _sparse_input_linear(self, x, w, bias)
-        sparse = self._method() != "dense"
+        sparse = self._sparse
         mvue = self.config.mvue if sparse else None
         fp8 = self.config.fp8 and sparse
         # Mid threshold-ramp W~ is not N:M yet: only the dense GEMM can take it.
-        backend = self._choose_backend(x, sparse and self._ramp >= 1.0)
+        backend = self._choose_backend(x, sparse and self.config.rule.is_exact(self._ramp))
         if mvue is None and not fp8 and backend == "dense":
             return F.linear(x, w, bias)
         dev = x.device.type
@@ -466,7 +438,7 @@ class SparseLinear(nn.Linear):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._state_version += 1
-        if self.config.method == "s-ste" and prefix + "beta" in state_dict:
+        if self.config.rule.has_scale and prefix + "beta" in state_dict:
             self._beta_ready = bool(torch.isfinite(self.beta))
         self._backend_cache.clear()  # a cached compressed weight belongs to the old weights
 

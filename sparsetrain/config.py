@@ -214,6 +214,7 @@ class SparsityConfig:
         sparse_names = _fmt_choices([x.name for x in _methods.all_methods() if x.sparse])
         if self.mvue is not None and not meth.sparse:
             raise ValueError(f"`mvue` needs a sparse `method` ({sparse_names}), got method={self.method!r}")
+        meth.check(self)  # the method's own checks first: its message says why (S-STE and transposable)
         if self.transposable and not meth.transposable:
             supported = _fmt_choices([x.name for x in _methods.all_methods() if x.transposable])
             raise ValueError(
@@ -222,7 +223,6 @@ class SparsityConfig:
             )
         self._check_schedules(meth, sparse_names)
         self._check_activations()
-        meth.check(self)
 
     def _check_activations(self) -> None:
         parse_nm(self.activation_sparsity, "activation_sparsity")

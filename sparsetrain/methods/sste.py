@@ -53,6 +53,14 @@ class SSTE(Method):
     has_scale = True
     supports_ramp = True
 
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        if cfg.transposable:
+            raise ValueError(
+                "`transposable=True` is supported for method='ste' and 'sr-ste' (the T-SR-STE recipe); "
+                "S-STE's soft threshold has no transposable form yet. Use method='sr-ste'."
+            )
+
     def project(self, w, n, m, scale=None, ramp=1.0, need_mask=True):
         if scale is None:
             raise ValueError("method='s-ste' needs its scale `beta`")

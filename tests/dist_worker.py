@@ -148,13 +148,13 @@ def _mvue_local_grads(data) -> Dict[str, torch.Tensor]:
     return {n: layer.weight.grad.clone() for n, layer in sparsity.layers}
 
 
-def _fsdp_run(name: str, data, finish: bool = False) -> Dict[str, object]:
+def _fsdp_run(name: str, data, finish: bool = False, dtype=torch.float32) -> Dict[str, object]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
     import sparsetrain as st
 
-    model = build_model()
+    model = build_model().to(dtype)
     sparsity = st.Sparsifier(model, _config(**SCENARIOS[name]))
     for block in model.transformer.h:
         fully_shard(block)
@@ -217,6 +217,7 @@ def run(rank: int, out_dir: str) -> None:
         res["mvue_local_grads"] = _mvue_local_grads(data)
         res["fsdp_sste"] = _fsdp_run("sste", data, finish=True)
         res["fsdp_srste"] = _fsdp_run("srste", data)
+        res["fsdp_sste64"] = _fsdp_run("sste", data, dtype=torch.float64)
         res["fsdp_transposable_error"] = _fsdp_transposable_error()
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -202,6 +202,19 @@ def test_fsdp_beta_is_the_all_reduced_full_weight_scale(ranks, single):
             assert abs(ref_beta(half) - ref_beta(initial[name])) > 1e-4  # a local beta would be wrong
 
 
+def test_fsdp_float64_matches_a_single_process_to_float64_rounding(ranks):
+    # beta's sums are float64 on every shard, as in one process (float32 sums agreed only to ~1e-6).
+    model = W.build_model().double()
+    sparsity = st.Sparsifier(model, W._config(**W.SCENARIOS["sste"]))
+    ref = W.train(model, sparsity, torch.optim.AdamW(model.parameters(), lr=W.LR), W.batches(), record_weights=True)
+    for r in ranks:
+        run = r["fsdp_sste64"]
+        for name, beta in run["beta"].items():
+            assert float(beta) == pytest.approx(float(ref["beta"][name]), rel=1e-12, abs=0), name
+        # (the losses are not compared: transformers computes them from float32 logits)
+        assert _close(run["effective"], ref["effective"], 1e-10)
+
+
 @pytest.mark.parametrize("method,key", [("sste", "fsdp_sste"), ("srste", "fsdp_srste")])
 def test_fsdp_metrics_from_gathered_weights(ranks, method, key):
     run = ranks[0][key]

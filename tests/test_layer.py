@@ -202,7 +202,7 @@ def test_errors():
 
 def test_default_seeds_leave_the_global_generator_alone():
     torch.manual_seed(123)
-    layers = [SparseLinear(8, 4, config=SparsityConfig(mvue="exact")) for _ in range(3)]
+    layers = [SparseLinear(8, 4, config=SparsityConfig(mvue="exact"), name=f"blocks.{i}.fc") for i in range(3)]
     after_weights = torch.rand(3)
     torch.manual_seed(123)
     [torch.nn.Linear(8, 4) for _ in range(3)]  # the same parameter draws, no seed draws

@@ -8,7 +8,7 @@ import torch
 
 from ..nn.linear import SparseLinear
 
-__all__ = ["dist_rank", "is_sharded", "ShardSum", "nonfinite_flags", "unwrap_optimizer"]
+__all__ = ["dist_rank", "is_sharded", "ShardSum", "nonfinite_flags", "unwrap_optimizer", "refuse_wrapped"]
 
 
 def dist_rank() -> int:
@@ -64,3 +64,23 @@ def unwrap_optimizer(opt) -> torch.optim.Optimizer:
         raise TypeError(f"`optimizer` must be a torch.optim.Optimizer (or a wrapper of one), got {type(opt).__name__}")
     return opt
 
+
+
+_ORDER = ("the order is: `Sparsifier(model, ...)`, then DDP / `fully_shard`, then the optimizer, then "
+          "`sparsity.attach(optimizer)`")
+
+
+def refuse_wrapped(model) -> None:
+    """Refuse a model whose layers a swap would take from under DDP or FSDP2.
+
+    The swap gives a `transformers` ``Conv1D`` a new (transposed) Parameter: DDP would never
+    synchronise it (the ranks drift apart silently), and a ``fully_shard``-ed model holds DTensors
+    that a plain Parameter cannot be mixed with."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) or isinstance(getattr(model, "module", None), DistributedDataParallel):
+        raise ValueError(f"`model` is already wrapped in DistributedDataParallel, whose Parameters the swap "
+                         f"would replace: {_ORDER}.")
+    if any(hasattr(p, "device_mesh") and hasattr(p, "to_local") for p in model.parameters()):
+        raise ValueError(f"`model` is already sharded by `fully_shard` (its Parameters are DTensors), and the "
+                         f"swap cannot replace them: {_ORDER}.")

@@ -7,11 +7,12 @@ skips (inf gradients) never calls the optimizer, so neither hook runs.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import warnings
+from typing import Callable, List, Optional
 
 import torch
 
-__all__ = ["OptimizerHooks"]
+__all__ = ["OptimizerHooks", "warn_until_attached"]
 
 
 class OptimizerHooks:
@@ -55,3 +56,23 @@ class OptimizerHooks:
 
     def _post(self, optimizer, args, kwargs) -> None:
         self.after()
+
+
+def warn_until_attached(layer: torch.nn.Module, needs: List[str], attached: Callable[[], bool]):
+    """Warn once, at the first training forward of ``layer`` without an attached optimizer, that the
+    per-step rules ``needs`` (what each does without an engine) never run. Returns the hook's handle."""
+    if not needs:
+        return None
+
+    def hook(module, args):
+        if not (module.training and torch.is_grad_enabled()) or attached():
+            return
+        handle.remove()
+        warnings.warn(
+            f"Sparsifier is not attached to an optimizer, so its per-step rules do not run ({'; '.join(needs)}). "
+            f"Call `sparsity.attach(optimizer)` after building the optimizer.",
+            stacklevel=4,
+        )
+
+    handle = layer.register_forward_pre_hook(hook)
+    return handle

@@ -23,7 +23,7 @@ from ..methods import decay_term
 from ..nn.linear import SparseLinear, local_tensor
 from ._dist import ShardSum, nonfinite_flags
 
-__all__ = ["GradientRules", "decay_rate", "has_decay", "needs_step_mask", "initial_betas", "method_metrics"]
+__all__ = ["GradientRules", "decay_rate", "has_decay", "initial_betas", "method_metrics"]
 
 Layers = Sequence[Tuple[str, SparseLinear]]
 
@@ -37,11 +37,6 @@ def decay_rate(config: SparsityConfig) -> float:
 def has_decay(config: SparsityConfig) -> bool:
     """True when a per-step term changes the gradient: the method's own (SR-STE's decay) or ``masked_decay``."""
     return config.rule.has_step_term(config) or bool(decay_rate(config))
-
-
-def needs_step_mask(config: SparsityConfig) -> bool:
-    """True when a per-step rule reads the mask of the current weights (decays, ``flip_moments``)."""
-    return has_decay(config) or config.flip_moments is not None
 
 
 @torch.no_grad()

@@ -41,14 +41,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..config import SparsityConfig
+from ..config import SparsityConfig, engine_requirements
 from ..nn.convert import sparse_layers, sparsify
-from ..nn.linear import SparseLinear, local_tensor
-from ._dist import ShardSum, dist_rank, unwrap_optimizer
-from .hooks import OptimizerHooks
+from ..nn.linear import SparseLinear, local_tensor, seed_names
+from ._dist import ShardSum, dist_rank, refuse_wrapped, unwrap_optimizer
+from .hooks import OptimizerHooks, warn_until_attached
 from .metrics import StepMetrics
 from .prune_at import PruneAt
-from .rules import GradientRules, initial_betas, method_metrics, needs_step_mask
+from .rules import GradientRules, has_decay, initial_betas, method_metrics
 from .schedule import Schedule
 from .state import STATE_FORMAT, check_adopted, check_resume, fingerprint
 
@@ -81,12 +81,14 @@ class Sparsifier:
 
     Raises:
         ValueError: no layer ends up sparse (``targets`` matches nothing, or ``m`` divides no
-            target's input dim); the message lists the candidates and their dims.
+            target's input dim); the message lists the candidates and their dims. Or the model is
+            already wrapped by DDP or sharded by ``fully_shard`` (build the Sparsifier first).
 
     Attributes:
         swapped: the qualified names of the sparse layers.
         step: optimizer steps taken (skipped steps do not count).
         max_steps: the run's length given to `attach` (None: not given).
+        schedule: the run's `Schedule` (phase, ramps and decay factor per step).
         metrics_every: as the argument (the adapters set their logging interval).
     """
 
@@ -103,10 +105,13 @@ class Sparsifier:
             check_adopted(existing, config)
             self.swapped = [n for n, _ in existing]
         else:
+            refuse_wrapped(model)
             self.swapped = sparsify(model, config)
         self._layers: List[Tuple[str, SparseLinear]] = sparse_layers(model)
-        for _, layer in self._layers:
+        for (name, layer), seed_name in zip(self._layers, seed_names([n for n, _ in self._layers])):
             layer.engine_attached = True
+            if layer.name is None:
+                layer.set_name(seed_name)  # a layer built by hand: its MVUE seed follows from its name
         self.step = 0
         self.max_steps: Optional[int] = None
         self.schedule = Schedule(config)
@@ -115,6 +120,8 @@ class Sparsifier:
         self._metrics = StepMetrics(config, self._reduce)
         self._prune = PruneAt(config, self._layers)
         self._hooks = OptimizerHooks(self.before_step, self.after_step)
+        needs = [text for _, text in engine_requirements(config)]
+        self._unattached = warn_until_attached(self._layers[0][1], needs, lambda: self._hooks.optimizer is not None)
         self._started = False
         self._restored = False
         self._skip_step = False
@@ -133,9 +140,8 @@ class Sparsifier:
 
     @property
     def phase(self) -> str:
-        """``"sparse"`` or ``"dense"`` (dense warm-up or fine-tuning, or ``method="dense"``).
-
-        The layers hold it (it is what their forward computes); the engine sets all of them at once."""
+        """``"sparse"`` or ``"dense"`` (dense warm-up or fine-tuning, or ``method="dense"``). The layers
+        hold it (it is what their forward computes); the engine sets all of them at once."""
         active = any(layer.sparse_active or layer.input_sparse_active for _, layer in self._layers)
         return "sparse" if active else "dense"
 
@@ -158,18 +164,6 @@ class Sparsifier:
         """The optimizer step where dense fine-tuning starts (None: never)."""
         return self.schedule.dense_from_step()
 
-    def sparse_from_step(self) -> int:
-        """The first optimizer step trained sparse (after ``dense_warmup`` or at ``prune_at``; 0 otherwise)."""
-        return self.schedule.sparse_from_step()
-
-    def ramp_at(self, step: int) -> float:
-        """S-STE's threshold ramp ``r`` in [0, 1] at optimizer step ``step``."""
-        return self.schedule.ramp_at(step)
-
-    def decay_scale_at(self, step: int) -> float:
-        """The factor on SR-STE's decay and ``masked_decay`` at optimizer step ``step``."""
-        return self.schedule.decay_scale_at(step)
-
     # ------------------------------------------------------------------------------ lifecycle
     def attach(self, optimizer: Any, max_steps: Optional[int] = None, *, step: Optional[int] = None) -> "Sparsifier":
         """Hook ``optimizer`` so the per-step rules run at every (non-skipped) ``optimizer.step()``.
@@ -187,10 +181,16 @@ class Sparsifier:
 
         Raises:
             ValueError: the optimizer does not hold a sparse layer's weight (build it after the
-                Sparsifier), or a fractional schedule without ``max_steps``.
+                Sparsifier), a fractional schedule without ``max_steps``, or the engine is attached
+                to another optimizer already (`detach` it first).
         """
-        self.detach()
         opt = unwrap_optimizer(optimizer)
+        if self._hooks.optimizer is not None and self._hooks.optimizer is not opt:
+            raise ValueError(
+                f"This Sparsifier is already attached to another optimizer ({type(self._hooks.optimizer).__name__}); "
+                f"call `sparsity.detach()` first (its rules run on one optimizer, the one holding the sparse weights)."
+            )
+        self.detach()
         held = {id(p) for group in opt.param_groups for p in group["params"]}
         missing = [name for name, layer in self._layers if id(layer.weight) not in held]
         if missing:
@@ -248,8 +248,9 @@ class Sparsifier:
     def _set_step_state(self, phase: str) -> None:
         sparse = phase == "sparse"
         ramp = self.schedule.ramp_at(self.step) if sparse else 1.0
+        keep = has_decay(self.config)  # the decay reads the forward's mask (no second projection)
         for _, layer in self._layers:
-            layer.set_step_state(sparse=sparse, ramp=ramp, step=self.step, rank=self._rank)
+            layer.set_step_state(sparse=sparse, ramp=ramp, step=self.step, rank=self._rank, keep_mask=keep)
 
     @torch.no_grad()
     def _take_sparsity_state(self) -> None:
@@ -270,10 +271,14 @@ class Sparsifier:
         self._rules.apply_decays(self._layers, self.schedule.decay_scale_at(self.step), self._step_mask)
 
     def _step_mask(self, name: str, layer: SparseLinear) -> torch.Tensor:
-        # The mask of the current weights was stored by the last `after_step` (nothing has changed
-        # them since): unpacking it is cheaper than another projection.
-        stored = None if self.config.transposable else self._metrics.stored_mask(name, local_tensor(layer.weight).shape)
-        return stored if stored is not None else layer.mask
+        # The mask of the current weights, cheapest first: the one this step's forward computed, the
+        # one the last `after_step` measured (nothing has changed the weights since), a projection.
+        if self.config.transposable:
+            return layer.mask
+        mask = layer.forward_mask()
+        if mask is None:
+            mask = self._metrics.stored_mask(name, local_tensor(layer.weight).shape)
+        return mask if mask is not None else layer.mask
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -295,9 +300,11 @@ class Sparsifier:
         cfg, sparse = self.config, phase == "sparse"
         refresh = cfg.transposable and sparse and self.step % cfg.mask_update_interval == 0
         report = self.step % self.metrics_every == 0
-        # The mask of these weights is needed now for the metrics, or at the next step: by the
-        # decays, by `flip_moments`, or as the reference of the next reported flip rate.
-        keep_mask = (needs_step_mask(cfg) or (self.step + 1) % self.metrics_every == 0) and not cfg.transposable
+        # The mask of these weights is needed now for the metrics, or at the next step: by
+        # `flip_moments`, or as the reference of the next reported flip rate.
+        # (The decays read the forward's mask, but under FSDP2, whose forward sees the gathered weight.)
+        needed = cfg.flip_moments is not None or (has_decay(cfg) and self.sharded)
+        keep_mask = (needed or (self.step + 1) % self.metrics_every == 0) and not cfg.transposable
         if sparse and not report and not keep_mask:
             self._metrics.forget_masks()
             for _, layer in self._layers:
@@ -332,6 +339,7 @@ class Sparsifier:
             "swapped": list(self.swapped),
             "config": self.config_fingerprint(),
             "calibration": self._prune.state_dict(),
+            "seeds": {name: layer.seed for name, layer in self._layers},  # MVUE streams, whatever the process
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -346,6 +354,10 @@ class Sparsifier:
         if state.get("max_steps") is not None and self.max_steps is None:
             self.max_steps = int(state["max_steps"])
         self._prune.load_state_dict(state.get("calibration"))
+        seeds = state.get("seeds") or {}
+        for name, layer in self._layers:
+            if name in seeds:
+                layer.seed = int(seeds[name])  # the run's own streams, even under another config seed
 
     def __repr__(self) -> str:
         c = self.config

@@ -24,6 +24,14 @@ def _describe(value: Any) -> Any:
     return value
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def fingerprint(config: SparsityConfig) -> Dict[str, Any]:
     """The config fields that change the math, as a resume compares them."""
     return {f: _describe(getattr(config, f)) for f in MATH_FIELDS}
@@ -47,7 +55,8 @@ def check_resume(state: Dict[str, Any], config: SparsityConfig, swapped: List[st
         raise TypeError(f"`state` must be a dict from Sparsifier.state_dict(), got {type(state).__name__}")
     mine = fingerprint(config)
     for field, value in (state.get("config") or {}).items():
-        if field in mine and value != mine[field] and not (field == "targets" and str(value).startswith("<callable")):
+        # (a state read back from JSON holds lists where the config holds tuples)
+        if field in mine and _plain(value) != _plain(mine[field]) and not (field == "targets" and str(value).startswith("<callable")):
             raise ValueError(
                 f"Cannot resume: the checkpoint was trained with sparsity.{field}={value!r}, this run has "
                 f"sparsity.{field}={mine[field]!r}. Resume with the checkpoint's value, or start a new run."

@@ -8,16 +8,22 @@ replaces GPT-2's ``Conv1D`` weights, and an optimizer built before it would miss
     trainer.train()                                   # or train(resume_from_checkpoint=True)
 
 The engine hooks the Trainer's optimizer (under the `accelerate` wrapper), so its rules run after
-the Trainer's clipping and only for steps the fp16 scaler does not skip. Its state is saved as
-``sparsity.pt`` in every ``checkpoint-N`` folder and read back when training resumes from one;
-`metrics` are added to the Trainer's logs.
+the Trainer's clipping and only for steps the fp16 scaler does not skip. Its state is saved in every
+``checkpoint-N`` folder, in ``trainer_state.json`` (``stateful_callbacks["sparsetrain"]``, which the
+Trainer reads back from whichever checkpoint it resumes, in any ``output_dir``) and as
+``sparsity.pt`` (the same state, for `SparseTrainerCallback.load_state_dict` by hand); `metrics` are
+added to the Trainer's logs. The checkpoint's model file has the model's own layout, so
+``AutoModelForCausalLM.from_pretrained("checkpoint-N")`` loads the dense weights W: swapped
+``Conv1D`` weights are stored as ``[in, out]``, and the layers' ``beta`` / transposable masks live
+in the callback's state instead.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import warnings
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from transformers import TrainerCallback
@@ -27,6 +33,56 @@ from ..engine import Sparsifier
 __all__ = ["SparseTrainerCallback", "STATE_FILE"]
 
 STATE_FILE = "sparsity.pt"
+STATE_KEY = "sparsetrain"  # the engine's state in trainer_state.json's `stateful_callbacks`
+
+
+_EXTRAS = ("beta", "mask_packed")  # the layers' sparsity state, kept out of the checkpoint's model file
+
+
+def _to_json(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The callback's state with its tensors as JSON values, for trainer_state.json: Wanda's sums as
+    lists, beta as a float, a transposable mask's bytes in base64."""
+    layers = {name: {"beta": float(extra["beta"]),
+                     "mask_packed": base64.b64encode(extra["mask_packed"].cpu().numpy().tobytes()).decode()
+                     if "mask_packed" in extra else None}
+              for name, extra in state["layers"].items()}
+    return {**state, "calibration": {k: v.tolist() for k, v in state.get("calibration", {}).items()}, "layers": layers}
+
+
+def _from_json(data: Dict[str, Any]) -> Dict[str, Any]:
+    layers = {}
+    for name, extra in (data.get("layers") or {}).items():
+        layers[name] = {"beta": torch.tensor(extra["beta"], dtype=torch.float32)}
+        if extra.get("mask_packed") is not None:
+            layers[name]["mask_packed"] = torch.frombuffer(bytearray(base64.b64decode(extra["mask_packed"])), dtype=torch.uint8)
+    calibration = {k: torch.tensor(v, dtype=torch.float32) for k, v in (data.get("calibration") or {}).items()}
+    return {**data, "calibration": calibration, "layers": layers}
+
+
+def _install_transformers_layout(sparsifier: Sparsifier) -> None:
+    """Make the model's state dict the one `from_pretrained` reads: a swapped ``Conv1D``'s weight
+    back in its ``[in, out]`` layout, no ``beta`` / ``mask_packed`` (the callback's state carries
+    them). A state dict without a layer's ``beta`` (one saved this way) is read back the same way."""
+    layers = dict(sparsifier.layers)
+    conv1d = [name for name, layer in layers.items() if layer.source == "conv1d"]
+
+    def save(module, state_dict, prefix, local_metadata) -> None:
+        for name in layers:
+            for extra in _EXTRAS:
+                state_dict.pop(f"{prefix}{name}.{extra}", None)
+        for name in conv1d:
+            key = f"{prefix}{name}.weight"
+            if key in state_dict:
+                state_dict[key] = state_dict[key].t().contiguous()
+
+    def load(module, state_dict, prefix, *args) -> None:
+        for name in conv1d:
+            key = f"{prefix}{name}.weight"
+            if key in state_dict and f"{prefix}{name}.beta" not in state_dict:
+                state_dict[key] = state_dict[key].t().contiguous()
+
+    sparsifier.model.register_state_dict_post_hook(save)
+    sparsifier.model.register_load_state_dict_pre_hook(load)
 
 
 class SparseTrainerCallback(TrainerCallback):
@@ -43,6 +99,7 @@ class SparseTrainerCallback(TrainerCallback):
                 f"got {type(sparsifier).__name__}"
             )
         self.sparsifier = sparsifier
+        _install_transformers_layout(sparsifier)
         self._optimizer: Any = None
         self._max_steps: Optional[int] = None
         self._begun = False
@@ -61,14 +118,15 @@ class SparseTrainerCallback(TrainerCallback):
         self._begun = True
         engine = self.sparsifier
         if state.global_step > 0 and engine.step != state.global_step:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
-            if os.path.exists(path):
-                engine.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            # The state of the checkpoint being resumed: the Trainer loaded its trainer_state.json.
+            saved = (state.stateful_callbacks or {}).get(STATE_KEY)
+            if saved is not None:
+                self.load_state_dict(_from_json(saved))
             else:
                 warnings.warn(
-                    f"Resuming at step {state.global_step} without {path}: the sparsity engine continues from the "
-                    f"trainer's step. Call `sparsifier.load_state_dict(torch.load(<checkpoint>/{STATE_FILE}))` "
-                    f"before `train()` to check the config too.",
+                    f"Resuming at step {state.global_step} from a checkpoint without the sparsity state: the sparsity "
+                    f"engine continues from the trainer's step. Call `sparsifier.load_state_dict(torch.load("
+                    f"<checkpoint>/{STATE_FILE}))` before `train()` to check the config too.",
                     stacklevel=2,
                 )
                 engine.resume(state.global_step)  # beta and masks came back with the model's weights: keep them
@@ -76,10 +134,31 @@ class SparseTrainerCallback(TrainerCallback):
             engine.metrics_every = int(args.logging_steps)  # metrics cost a projection: at logging steps only
         engine.attach(self._optimizer, max_steps=self._max_steps, step=state.global_step)
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The engine's state plus each layer's ``beta`` / ``mask_packed`` (not in the model file)."""
+        layers = {name: {k: v for k, v in layer.state_dict().items() if k in _EXTRAS} for name, layer in self.sparsifier.layers}
+        return {**self.sparsifier.state_dict(), "layers": layers}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a `state_dict` (also a `Sparsifier.state_dict`, whose layers' extras came with the model)."""
+        self.sparsifier.load_state_dict(state)
+        for name, layer in self.sparsifier.layers:
+            if name in state.get("layers", {}):
+                layer.load_state_dict(state["layers"][name], strict=False)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Before the Trainer writes trainer_state.json (it decides to save in its own on_step_end,
+        # which runs before this one).
+        if control.should_save:
+            state.stateful_callbacks[STATE_KEY] = _to_json(self.state_dict())
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.on_step_end(args, state, control)
+
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder) and state.is_world_process_zero:
-            torch.save(self.sparsifier.state_dict(), os.path.join(folder, STATE_FILE))
+            torch.save(self.state_dict(), os.path.join(folder, STATE_FILE))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.sparsifier.metrics and "loss" in logs:

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..config import SparsityConfig
 from ..targets import layer_weight, select_targets
-from .linear import SparseLinear
+from .linear import SparseLinear, seed_names
 
 __all__ = ["sparsify", "densify", "export", "select_targets", "sparse_layers"]
 
@@ -74,7 +74,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> List[str
     targets += [(n, mod) for n, mod in select_targets(model, config.activation_targets, exclude=exclude)[0].items()
                 if n in act_names and all(n != t for t, _ in targets)]
     swapped, skipped = [], []
-    for index, (name, module) in enumerate(targets):
+    for name, module in targets:
         out_features, in_features = layer_weight(module).shape
         if in_features % config.m != 0:
             skipped.append(f"{name} (in_features={in_features})")
@@ -82,13 +82,15 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> List[str
         if config.transposable and out_features % config.m != 0:
             skipped.append(f"{name} (out_features={out_features}; transposable masks tile both dims)")
             continue
-        # Each layer draws its own MVUE stream: seed + a per-layer offset.
-        layer_cfg = config if config.seed is None else config.replace(seed=config.seed + 7919 * index)
-        layer = SparseLinear.from_dense(module, layer_cfg, name=name)
+        swapped.append(name)
+    # Each layer draws its own MVUE stream: its seed follows from the config's seed and its name.
+    modules = dict(targets)
+    for name, seed_name in zip(swapped, seed_names(swapped)):
+        layer = SparseLinear.from_dense(modules[name], config, name=name)
+        layer.set_name(seed_name)
         if name in act_names:
             layer.input_nm = config.activation_nm  # this layer's input is made N:M per token
         _set_submodule(model, name, layer)
-        swapped.append(name)
     if not swapped and config.sparse:
         raise ValueError(
             f"`targets`={config.targets!r} selects {len(targets)} layer(s) but none can be made {config.n}:{config.m} "

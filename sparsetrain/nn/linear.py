@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
+import zlib
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -18,7 +18,7 @@ from ..ops.nm import check_finite
 from ..targets import is_conv1d
 from ._packing import pack_mask, packed_numel, unpack_mask
 
-__all__ = ["SparseLinear", "local_tensor", "mix_seed"]
+__all__ = ["SparseLinear", "local_tensor", "mix_seed", "layer_seed", "seed_names"]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -78,14 +78,97 @@ def _backend_for(config: SparsityConfig, weight: torch.Tensor, dtype: torch.dtyp
     return backends.select_backend(config.backend, weight, torch.float8_e4m3fn if fp8_ok else dtype)[0]
 
 
-_LAYERS_BUILT = itertools.count()
+# The MVUE seed of a layer when the config gives none: fixed, so a run (and its resume) draws the
+# same numbers whatever the process's global seed or what was built before.
+DEFAULT_MVUE_SEED = 20_24
 
 
-def _next_default_seed() -> int:
-    """An MVUE seed for a layer built without ``config.seed``: distinct per layer, reproducible
-    under `torch.manual_seed`, and drawn without advancing the global generator (so sparsifying
-    a model leaves the data order and dropout of a seeded run as they were)."""
-    return (torch.initial_seed() + 7919 * (next(_LAYERS_BUILT) + 1)) % (2**31 - 1)
+def layer_seed(config_seed: Optional[int], name: Optional[str]) -> int:
+    """A layer's MVUE seed: a function of the config's ``seed`` (`DEFAULT_MVUE_SEED` when None) and
+    the layer's qualified name (CRC-32), so every layer draws its own stream, the same in any process.
+
+    Example:
+        >>> layer_seed(None, "h.0.mlp.c_fc") == layer_seed(None, "h.0.mlp.c_fc") != layer_seed(None, "h.1.mlp.c_fc")
+        True
+    """
+    base = DEFAULT_MVUE_SEED if config_seed is None else config_seed
+    return mix_seed(base, zlib.crc32((name or "").encode()))
+
+
+def _save_layout(module: "SparseLinear", state_dict, prefix: str, local_metadata: dict) -> None:
+    # The state dict's metadata (not a key: `nn.Linear` loads the same keys) says what the layer
+    # was made for, so a load into another N:M is refused instead of training on with a wrong beta.
+    c = module.config
+    local_metadata["sparsetrain"] = {"method": c.method, "n": c.n, "m": c.m}
+
+
+class _KeptMask:
+    """One mask kept packed (1 bit per weight) under a key: the (weight, layer state) versions it is valid for."""
+
+    def __init__(self) -> None:
+        self.key, self.packed = None, None
+
+    def keep(self, key: tuple, mask: torch.Tensor) -> None:
+        if key != self.key:  # accumulated micro-batches: packed once
+            self.key, self.packed = key, pack_mask(mask)
+
+    def get(self, key: tuple, shape: torch.Size) -> Optional[torch.Tensor]:
+        return unpack_mask(self.packed, shape) if key == self.key and self.packed is not None else None
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """W~ of a method with its backward rule, handing the projection's mask to ``sink`` (so a
+    layer keeps what the projection computed, instead of projecting again for the decay)."""
+
+    @staticmethod
+    def forward(ctx, weight, rule, n, m, beta, ramp, sink):
+        ctx.rule = rule
+        w_eff, mask = masked_weight(weight, rule, n, m, beta, ramp=ramp)
+        sink.append(mask)
+        return w_eff
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.rule.backward(grad), None, None, None, None, None, None
+
+
+def seed_names(names: List[str]) -> List[str]:
+    """The layers' names for their MVUE seeds: the qualified names less the dotted prefix they all
+    share (each keeps at least its last part), so a model wrapped in another module (a
+    LightningModule's ``model.``) keeps its layers' seeds.
+
+    Example:
+        >>> seed_names(["model.h.0.fc", "model.h.1.fc"])
+        ['0.fc', '1.fc']
+    """
+    parts = [name.split(".") for name in names]
+    k = 0
+    while parts and all(len(p) > k + 1 for p in parts) and len({p[k] for p in parts}) == 1:
+        k += 1
+    return [".".join(p[k:]) for p in parts]
+
+
+def _transposable_mask_of(weight: torch.Tensor, cfg: SparsityConfig) -> torch.Tensor:
+    """The transposable N:M mask of ``|weight|`` (the kernel on CUDA)."""
+    from ..ops.transposable import transposable_mask
+
+    if weight.shape[0] % cfg.m or weight.shape[1] % cfg.m:
+        raise ValueError(
+            f"`transposable=True` needs both weight dims to be multiples of m={cfg.m}, got {tuple(weight.shape)}"
+        )
+    return transposable_mask(weight.abs().float(), cfg.n, cfg.m, method=cfg.transposable_method)
+
+
+def _check_layout(saved: Optional[dict], c: SparsityConfig, name: str) -> None:
+    """Refuse a state saved by a layer of another N:M; warn for another method."""
+    if saved and (saved["n"], saved["m"]) != (c.n, c.m):
+        raise ValueError(
+            f"Cannot load `{name}`: its state was saved by a {saved['n']}:{saved['m']} {saved['method']} layer, "
+            f"this layer is {c.n}:{c.m} {c.method}. Build the model with the checkpoint's n and m."
+        )
+    if saved and saved["method"] != c.method:
+        warnings.warn(f"`{name}`: loading the state of a {saved['method']} layer into a {c.method} layer "
+                      f"(beta and masks are used as this method defines them)", stacklevel=5)
 
 
 def _weight_of(module: nn.Module, name: str) -> Tuple[nn.Parameter, str]:
@@ -171,6 +254,8 @@ class SparseLinear(nn.Linear):
         in_features: must be a multiple of ``config.m`` (groups run along the input dim).
         out_features, bias, device, dtype: as for `nn.Linear`.
         config: a `SparsityConfig`; defaults to S-STE 2:4.
+        name: the layer's name in its model (see `seed_names`); its MVUE seed is `layer_seed` of the
+            config's ``seed`` and this name (`sparsify` and `Sparsifier` name the layers they swap or adopt).
 
     Example:
         >>> layer = SparseLinear(8, 4, config=SparsityConfig(method="ste"))
@@ -178,15 +263,8 @@ class SparseLinear(nn.Linear):
         True
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        config: Optional[SparsityConfig] = None,
-        device=None,
-        dtype=None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, config: Optional[SparsityConfig] = None,
+                 device=None, dtype=None, name: Optional[str] = None) -> None:
         config = SparsityConfig() if config is None else config
         if not isinstance(config, SparsityConfig):
             raise TypeError(f"`config` must be a SparsityConfig, got {type(config).__name__}")
@@ -205,7 +283,8 @@ class SparseLinear(nn.Linear):
         # Plain attributes: they steer Python control flow (torch.compile guards on them).
         self._sparse = config.sparse  # the phase: False while an engine trains this layer dense
         self.source = "linear"  # or "conv1d": what `to_dense`/`export` give back
-        self.seed = config.seed if config.seed is not None else _next_default_seed()
+        self.name = name  # its name in the model (None: not known yet); the MVUE seed follows from it
+        self.seed = layer_seed(config.seed, name)
         self._beta_ready = False  # a Python flag, so the forward never syncs on the beta buffer
         self._generators: Dict[str, torch.Generator] = {}
         self.backend_name = "dense"
@@ -217,6 +296,9 @@ class SparseLinear(nn.Linear):
         self._ramp = 1.0  # S-STE's threshold ramp in [0, 1] (1: plain S-STE)
         self.input_nm: Optional[Tuple[int, int]] = None  # (n, m): `sparsify` made the input N:M per token
         self._input_active = True  # False in the engine's dense phases
+        self._keep_mask = False
+        self._fwd_mask = _KeptMask()
+        self.register_state_dict_post_hook(_save_layout)
         self.reset_sparsity_state()
 
     # ----------------------------------------------------------------------------------- build
@@ -231,7 +313,7 @@ class SparseLinear(nn.Linear):
         weight, source = _weight_of(module, name)
         out_f, in_f = weight.shape
         with torch.device("meta"):
-            layer = cls(in_f, out_f, bias=module.bias is not None, config=config)
+            layer = cls(in_f, out_f, bias=module.bias is not None, config=config, name=name)
         layer.weight = weight
         layer.bias = module.bias
         layer.beta = torch.full((), math.nan, device=weight.device, dtype=torch.float32)
@@ -258,22 +340,22 @@ class SparseLinear(nn.Linear):
             if self.config.transposable:
                 self.refresh_transposable_mask()
 
-    def set_step_state(self, *, sparse: bool, ramp: float = 1.0, step: int = 0, rank: int = 0) -> None:
-        """The per-step state an engine sets before each step: the phase, S-STE's threshold ramp
-        and the MVUE seed of ``(seed, rank, step)`` (draws distinct per data-parallel rank, and a
-        resume needs only the step).
+    def set_name(self, name: str) -> None:
+        """Name the layer (see `seed_names`); its MVUE seed follows from the name."""
+        self.name, self.seed = name, layer_seed(self.config.seed, name)
 
-        Args:
-            sparse: False trains the dense W (a dense warm-up or fine-tuning phase).
-            ramp: S-STE's threshold ramp in [0, 1] (1: plain S-STE).
-            step: optimizer steps taken; rank: this process's data-parallel rank.
-        """
+    def set_step_state(self, *, sparse: bool, ramp: float = 1.0, step: int = 0, rank: int = 0,
+                       keep_mask: bool = False) -> None:
+        """The per-step state an engine sets before each step: the phase (``sparse=False``: train the
+        dense W), S-STE's threshold ``ramp`` in [0, 1], the MVUE seed of ``(seed, rank, step)`` (draws
+        distinct per data-parallel rank; a resume needs only the step), and whether to keep the
+        training forward's mask for `forward_mask` (an engine's decay reads it)."""
         self._input_active = bool(sparse)  # sparse activations follow the engine's phases too
         sparse = bool(sparse) and self.config.sparse
         ramp = float(ramp)
         if sparse != self._sparse or ramp != self._ramp:
             self._state_version += 1  # W~ changes with the phase and the ramp: a cached W~ is stale
-        self._sparse, self._ramp = sparse, ramp
+        self._sparse, self._ramp, self._keep_mask = sparse, ramp, bool(keep_mask)
         self._gen_seed = mix_seed(self.seed, rank, step)
         for gen in self._generators.values():
             gen.manual_seed(self._gen_seed)
@@ -335,7 +417,21 @@ class SparseLinear(nn.Linear):
         if not self._sparse:
             return self.weight
         fixed = unpack_mask(self.mask_packed, self.weight.shape) if cfg.transposable else None
+        if self._keep_mask and fixed is None and torch.is_grad_enabled():
+            # The engine's decay reads this step's mask: keep the one the projection makes anyway.
+            sink: list = []
+            w_eff = _MaskedWeight.apply(self.weight, cfg.rule, cfg.n, cfg.m, self._beta(), self._ramp, sink)
+            self._fwd_mask.keep((self.weight._version, self._state_version), sink[0])
+            return w_eff
         return effective_weight(self.weight, cfg.rule, cfg.n, cfg.m, beta=self._beta(), fixed_mask=fixed, ramp=self._ramp)
+
+    def forward_mask(self) -> Optional[torch.Tensor]:
+        """The mask of the last training forward, if the weights and this layer's state are unchanged
+        since (accumulated micro-batches share it); None otherwise, or under FSDP2 (whose forward sees
+        the gathered weight, not this rank's shard). Kept only when `set_step_state` asked for it."""
+        if hasattr(self.weight, "to_local"):
+            return None
+        return self._fwd_mask.get((self.weight._version, self._state_version), self.weight.shape)
 
     def effective_weight(self) -> torch.Tensor:
         """The W~ the forward uses, detached (exactly N:M unless training has switched to dense).
@@ -350,15 +446,12 @@ class SparseLinear(nn.Linear):
             return masked_weight(weight, cfg.rule, cfg.n, cfg.m, self._beta(), fixed, need_mask=False, ramp=self._ramp)[0]
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """This layer's MVUE generator on ``device`` (seeded from ``seed``; created on first use).
-
-        An engine re-seeds it every optimizer step from ``(seed, rank, step)`` (`set_step_state`)."""
-        key = str(device)
-        gen = self._generators.get(key)
+        """This layer's MVUE generator on ``device``, seeded from ``(seed, rank, step)`` by `set_step_state`
+        (from ``seed`` itself before any); created on first use."""
+        gen = self._generators.get(str(device))
         if gen is None:
-            gen = torch.Generator(device=device)
+            gen = self._generators[str(device)] = torch.Generator(device=device)
             gen.manual_seed(self._gen_seed if self._gen_seed is not None else self.seed)
-            self._generators[key] = gen
         return gen
 
     def _choose_backend(self, x: torch.Tensor, sparse: bool) -> str:
@@ -403,17 +496,8 @@ class SparseLinear(nn.Linear):
     @torch.no_grad()
     def refresh_transposable_mask(self) -> int:
         """Recompute the transposable mask from |W| (T-STE / T-SR-STE); return the entries flipped."""
-        from ..ops.transposable import transposable_mask
-
-        cfg = self.config
         weight = local_tensor(self.weight.detach())
-        rows, cols = weight.shape
-        if rows % cfg.m or cols % cfg.m:
-            raise ValueError(
-                f"`transposable=True` needs both weight dims to be multiples of m={cfg.m}, got {tuple(weight.shape)}"
-            )
-        new = transposable_mask(weight.abs().float(), cfg.n, cfg.m, method=cfg.transposable_method)  # the kernel on CUDA
-        new = new.to(self.mask_packed.device)
+        new = _transposable_mask_of(weight, self.config).to(self.mask_packed.device)
         old = unpack_mask(self.mask_packed, weight.shape)
         self._state_version += 1
         self.mask_packed.copy_(pack_mask(new))
@@ -435,8 +519,9 @@ class SparseLinear(nn.Linear):
         self._backend_key = None
         return super()._apply(fn, *args, **kwargs)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        _check_layout(local_metadata.get("sparsetrain"), self.config, prefix[:-1] or "layer")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
         self._state_version += 1
         if self.config.rule.has_scale and prefix + "beta" in state_dict:
             self._beta_ready = bool(torch.isfinite(self.beta))
@@ -444,8 +529,7 @@ class SparseLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         c = self.config
-        extra = f", mvue={c.mvue}" if c.mvue else ""
-        extra += ", transposable" if c.transposable else ""
+        extra = (f", mvue={c.mvue}" if c.mvue else "") + (", transposable" if c.transposable else "")
         extra += ", fp8" if c.fp8 else ""
         phase = "" if self._sparse or not c.sparse else ", dense phase"
         if self.input_nm is not None:

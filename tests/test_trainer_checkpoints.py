@@ -5,6 +5,7 @@ import json
 import warnings
 
 import pytest
+import torch
 
 from test_loops import CONFIGS, STEPS, _check_same, hf_loop
 
@@ -45,3 +46,20 @@ def test_checkpoint_folders_load_with_from_pretrained(tmp_path):
     for name, p in loaded.named_parameters():
         if name in dense:
             assert torch.equal(p, dense[name].detach()), name
+
+
+def test_a_second_callback_does_not_transpose_twice():
+    import sparsetrain as st
+    from test_loops import gpt2
+
+    model = gpt2()
+    sparsity = st.Sparsifier(model, CONFIGS["sr-ste"])
+    st.SparseTrainerCallback(sparsity)
+    st.SparseTrainerCallback(sparsity)
+    sd = model.state_dict()
+    for name, layer in sparsity.layers:
+        assert sd[f"{name}.weight"].shape == (layer.in_features, layer.out_features)  # Conv1D's [in, out]
+        assert f"{name}.beta" not in sd
+    model.load_state_dict(sd, strict=False)  # read back in the same layout
+    for name, layer in sparsity.layers:
+        assert torch.equal(layer.weight.detach().t(), sd[f"{name}.weight"])

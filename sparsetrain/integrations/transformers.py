@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import os
 import warnings
+import weakref
 from typing import Any, Dict, Optional
 
 import torch
@@ -59,10 +60,16 @@ def _from_json(data: Dict[str, Any]) -> Dict[str, Any]:
     return {**data, "calibration": calibration, "layers": layers}
 
 
+_IN_TRANSFORMERS_LAYOUT: "weakref.WeakSet" = weakref.WeakSet()
+
+
 def _install_transformers_layout(sparsifier: Sparsifier) -> None:
     """Make the model's state dict the one `from_pretrained` reads: a swapped ``Conv1D``'s weight
     back in its ``[in, out]`` layout, no ``beta`` / ``mask_packed`` (the callback's state carries
     them). A state dict without a layer's ``beta`` (one saved this way) is read back the same way."""
+    if sparsifier.model in _IN_TRANSFORMERS_LAYOUT:
+        return  # a second callback on the same model: the hooks are there already
+    _IN_TRANSFORMERS_LAYOUT.add(sparsifier.model)
     layers = dict(sparsifier.layers)
     conv1d = [name for name, layer in layers.items() if layer.source == "conv1d"]
 

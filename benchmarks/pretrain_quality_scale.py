@@ -29,7 +29,9 @@ Grid
   the recipe's 2e-4 and the warm-up 10% of the steps, as in ``pretrain_quality.py``). Each row then
   runs at the best lr of the swept row it is measured by (``lr_of``: sparse rows at STE's best lr,
   dense rows at dense's), so dense and STE are each compared at their own best rate. A best lr at
-  the edge of the ladder is flagged in the table: extend the sweep there.
+  the edge of what was swept extends that row's ladder by a factor 2 (within ``LR_LIMITS``; the
+  job re-plans after each pass) until a worse lr brackets it on each side; the table flags an edge
+  that remains, and marks rows shown at the best lr of an incomplete sweep.
 
   Seeds (``--phase seeds``): every row in ``ROWS`` at its chosen lr, seeds 1-3 (seed 1 reuses the
   sweep's run). Rows whose feature is not on main yet (CAST, 2:4 activations, an lr re-warm at the
@@ -83,6 +85,7 @@ VAL_EVERY = 500  # only the final loss enters the study; fewer validations save 
 BATCH_SIZE = 16
 # 4e-3 first: the best lr measured at 2x64 so far, so the first finished runs are the most useful.
 LRS = [4e-3, 2e-3, 8e-3]
+LR_LIMITS = (2.5e-4, 6.4e-2)  # how far the ladder is extended beyond an edge (factor 2 steps)
 SWEEP_SEEDS = [1]
 SEEDS = [1, 2, 3]
 
@@ -319,11 +322,27 @@ def best_lrs(runs: list[dict], size: str, row: str, steps: int = STEPS) -> tuple
     return min(at, key=at.get), sorted(at)
 
 
+def sweep_lrs(runs: list[dict], size: str, row: str, steps: int = STEPS) -> list[float]:
+    """The lrs the swept ``row`` needs at ``size``: ``LRS``, and once those are in, one more step of
+    the factor-2 ladder beyond a best lr at the edge of what was swept (within ``LR_LIMITS``), so
+    that every row's best lr is bracketed by a worse one on each side."""
+    best, swept = best_lrs(runs, size, row, steps)
+    lrs = sorted(set(LRS) | set(swept))
+    if best is None or not set(LRS) <= set(swept):
+        return sorted(LRS)
+    if best == max(swept) and best * 2 <= LR_LIMITS[1]:
+        lrs.append(best * 2)  # exact in binary floating point: the key of a run stays the same
+    if best == min(swept) and best / 2 >= LR_LIMITS[0]:
+        lrs.append(best / 2)
+    return sorted(lrs)
+
+
 def chosen_lr(runs: list[dict], size: str, row: str, steps: int = STEPS) -> float | None:
-    """The best lr of the row's swept row, once every lr of ``LRS`` was swept there (None before:
-    a choice made on part of the ladder could change when the rest comes in)."""
-    best, swept = best_lrs(runs, size, ROWS[row]["lr_of"], steps)
-    return best if set(LRS) <= set(swept) else None
+    """The best lr of the row's swept row once its sweep is complete (``sweep_lrs`` all run; None
+    before: a choice made on part of the ladder could change when the rest comes in)."""
+    swept_row = ROWS[row]["lr_of"]
+    best, swept = best_lrs(runs, size, swept_row, steps)
+    return best if set(sweep_lrs(runs, size, swept_row, steps)) <= set(swept) else None
 
 
 def plan(args, runs: list[dict]) -> tuple[list[tuple], list[str]]:
@@ -338,7 +357,11 @@ def plan(args, runs: list[dict]) -> tuple[list[tuple], list[str]]:
                 notes.append(f"skip {row}: {why}")
         rows = [r for r in rows if not ROWS[r].get("requires", lambda: None)()]
         if args.phase == "sweep":
-            cells = [(row, lr) for lr in (args.lrs or LRS) for row in rows]
+            if args.lrs:
+                cells = [(row, lr) for lr in args.lrs for row in rows]
+            else:  # the ladder first (row pairs at each lr), then each row's extension beyond an edge
+                cells = [(row, lr) for lr in LRS for row in rows]
+                cells += [(row, lr) for row in rows for lr in sweep_lrs(runs, size, row, args.steps) if lr not in LRS]
             seeds = args.seeds or SWEEP_SEEDS
         else:
             cells = []
@@ -431,13 +454,13 @@ def summarise(runs: list[dict], steps: int = STEPS) -> dict:
                           "best_at_edge": len(swept) > 1 and best in (swept[0], swept[-1])}
         by_row = {}
         for row in ROWS:
-            # Until the sweep covers LRS the best lr so far is used, and the row says so.
+            # Until the sweep is complete (sweep_lrs) the best lr so far is used, and the row says so.
             lr, swept = best_lrs(here, size, ROWS[row]["lr_of"], steps)
             if lr is None:
                 continue
             seeds = {r["seed"]: r["final_val_loss"] for r in here if r["row"] == row and float(r["lr"]) == lr}
             if seeds:
-                by_row[row] = (lr, seeds, not set(LRS) <= set(swept))
+                by_row[row] = (lr, seeds, not set(sweep_lrs(here, size, ROWS[row]["lr_of"], steps)) <= set(swept))
         table = {}
         for row, (lr, seeds, provisional) in by_row.items():
             ref_d, ref_s = REFERENCES[ROWS[row]["family"]]
@@ -632,6 +655,17 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = job_stamp()  # before any run: the code that runs is the code stamped
     print(f"{len(todo)} run(s) to do; commit {started.get('commit')} dirty {started.get('dirty')}", flush=True)
+    while todo:
+        ran = _run_all(todo, args, path, cache, started)
+        todo = plan(args, load(path))[0] if not args.lrs else []
+        if not ran:  # everything was done by a job beside this one; nothing new to learn from
+            break
+    return 0
+
+
+def _run_all(todo, args, path: Path, cache: str, started: dict) -> int:
+    """Runs the (size, row, lr, seed) in ``todo`` that are not recorded yet; returns how many ran."""
+    ran = 0
     for size, row, lr, seed in todo:
         if any(_key(r) == (size, row, float(lr), seed, args.steps, tuple(config(size, row, lr, args.steps)))
                for r in load(path)):
@@ -651,9 +685,10 @@ def main(argv=None) -> int:
             "stamp": started,
         }
         add_record(path, record)
+        ran += 1
         print(f"{size} {row:>22s} lr {lr:g} seed {seed}: val loss {r['final_val_loss']:.4f} "
               f"({r.get('wall_s', 0):.0f} s)", flush=True)
-    return 0
+    return ran
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def _study(bench):
     # sweep, seed 1: dense best at 4e-3 (inside the ladder), STE best at 8e-3 (its edge)
     for lr, d, t in ((2e-3, 1.80, 1.90), (4e-3, 1.70, 1.85), (8e-3, 1.75, 1.80)):
         runs += [rec(bench, s, "dense", lr, 1, d), rec(bench, s, "ste", lr, 1, t)]
+    runs.append(rec(bench, s, "ste", 1.6e-2, 1, 1.83))  # the ladder extended past STE's edge: worse
     runs += [rec(bench, s, "dense", 4e-3, 2, 1.72), rec(bench, s, "dense", 4e-3, 3, 1.68),
              rec(bench, s, "ste", 8e-3, 2, 1.82), rec(bench, s, "ste", 8e-3, 3, 1.76),
              rec(bench, s, "recipe", 8e-3, 1, 1.74), rec(bench, s, "recipe", 8e-3, 2, 1.79),
@@ -89,6 +90,7 @@ def _study(bench):
     # squared-ReLU family: its own dense (best 2e-3) and STE (best 4e-3)
     for lr, d, t in ((2e-3, 1.50, 1.62), (4e-3, 1.52, 1.60), (8e-3, 1.60, 1.70)):
         runs += [rec(bench, s, "relu2-dense", lr, 1, d), rec(bench, s, "relu2-ste", lr, 1, t)]
+    runs.append(rec(bench, s, "relu2-dense", 1e-3, 1, 1.58))  # below relu2-dense's best: its sweep is complete
     runs.append(rec(bench, s, "relu2-recipe", 4e-3, 1, 1.55))
     return runs
 
@@ -98,7 +100,7 @@ def test_summarise_each_row_at_its_own_lr_against_its_family(bench):
     s = summary["2x64"]
     assert s["ffn_params"] == 65536
     assert s["sweep"]["dense"]["best_lr"] == 4e-3 and not s["sweep"]["dense"]["best_at_edge"]
-    assert s["sweep"]["ste"]["best_lr"] == 8e-3 and s["sweep"]["ste"]["best_at_edge"]
+    assert s["sweep"]["ste"]["best_lr"] == 8e-3 and not s["sweep"]["ste"]["best_at_edge"]
     assert s["sweep"]["dense"]["losses"] == {2e-3: 1.80, 4e-3: 1.70, 8e-3: 1.75}
     rows = s["rows"]
     assert rows["dense"]["lr"] == 4e-3 and rows["dense"]["losses"] == {1: 1.70, 2: 1.72, 3: 1.68}
@@ -121,7 +123,7 @@ def test_summarise_each_row_at_its_own_lr_against_its_family(bench):
     assert rows["relu2-ste"]["gap_to_dense"] == pytest.approx(0.10)
     table = bench.markdown(summary)
     assert "| recipe (n=3) | 0.008 | 1.7533 ± 0.0321 | +0.0533 | 43%; 60%, 30%, 38% |" in table
-    assert "0.008 (edge: extend)" in table
+    assert "(edge: extend)" not in table and "(sweep incomplete)" not in table
 
 
 def test_plot_draws_from_the_summary(bench, tmp_path):
@@ -208,10 +210,15 @@ def test_seeds_phase_waits_for_the_whole_sweep(bench, tmp_path, monkeypatch, cap
     assert "lr sweep of ste is not complete" in capsys.readouterr().out
     bench.add_record(path, rec(bench, "2x64", "dense", 8e-3, 1, 1.75))
     bench.add_record(path, rec(bench, "2x64", "ste", 8e-3, 1, 1.7))
+    # STE's best is 8e-3, the top of the ladder: its sweep needs 1.6e-2 before the recipe can run
+    assert bench.main(argv) == 0
+    assert fake.calls == [("2x64", "dense", 4e-3, 2), ("2x64", "dense", 4e-3, 3)]
+    assert "lr sweep of ste is not complete" in capsys.readouterr().out
+    fake.calls.clear()
+    bench.add_record(path, rec(bench, "2x64", "ste", 1.6e-2, 1, 1.72))
     assert bench.main(argv) == 0
     # dense at its best 4e-3 (seed 1 is the sweep's run), the recipe at STE's best 8e-3
-    assert fake.calls == [("2x64", "dense", 4e-3, 2), ("2x64", "dense", 4e-3, 3),
-                          ("2x64", "recipe", 8e-3, 1), ("2x64", "recipe", 8e-3, 2), ("2x64", "recipe", 8e-3, 3)]
+    assert fake.calls == [("2x64", "recipe", 8e-3, 1), ("2x64", "recipe", 8e-3, 2), ("2x64", "recipe", 8e-3, 3)]
 
 
 def test_rows_not_on_main_are_skipped_with_a_message(bench, tmp_path, monkeypatch, capsys):
@@ -264,7 +271,7 @@ def test_import_of_the_2x64_table_checks_the_resolved_configuration(bench, tmp_p
 
 
 def test_rows_before_the_sweep_is_complete_use_the_best_lr_so_far_and_say_so(bench):
-    runs = [r for r in _study(bench) if not (r["lr"] == 8e-3 and r["seed"] == 1 and r["row"] in ("dense", "ste"))]
+    runs = [r for r in _study(bench) if not (r["lr"] in (8e-3, 1.6e-2) and r["seed"] == 1 and r["row"] in ("dense", "ste"))]
     rows = bench.summarise(runs)["2x64"]["rows"]
     # STE's best so far is 4e-3 (1.85 < 1.90): no recipe run there but the ignored 1.00 one becomes its run
     assert rows["ste"]["lr"] == 4e-3 and rows["ste"]["provisional_lr"] is True
@@ -284,3 +291,25 @@ def test_paired_difference_to_the_half_wide_dense_model(bench):
     assert p["ci95"] == [pytest.approx(m - T975_DF2 * sd / math.sqrt(3)), pytest.approx(m + T975_DF2 * sd / math.sqrt(3))]
     assert p["excludes_zero"] is False  # half-width ~0.052 > 0.043
     assert "paired_to_half" not in bench.compare(row, {1: 1.3}, {1: 1.5})
+
+
+def test_sweep_extends_the_ladder_past_an_edge_until_the_best_is_bracketed(bench, tmp_path, monkeypatch):
+    # losses fall with lr up to 3.2e-2, then rise: the sweep runs the ladder, then 1.6e-2, 3.2e-2, 6.4e-2
+    loss = {2e-3: 1.9, 4e-3: 1.8, 8e-3: 1.7, 1.6e-2: 1.6, 3.2e-2: 1.5, 6.4e-2: 1.55}
+    calls = []
+
+    def fake(size, row, lr, seed, steps, workdir, cache):
+        calls.append(lr)
+        return {"final_val_loss": loss[lr] + (0.1 if row == "ste" else 0.0)}
+
+    monkeypatch.setattr(bench, "run_one", fake)
+    assert bench.main(["--sizes", "2x64", "--rows", "dense", "ste", "--out", str(tmp_path)]) == 0
+    assert calls == [4e-3, 4e-3, 2e-3, 2e-3, 8e-3, 8e-3, 1.6e-2, 1.6e-2, 3.2e-2, 3.2e-2, 6.4e-2, 6.4e-2]
+    runs = bench.load(tmp_path / "pretrain_quality_scale.json")
+    assert bench.chosen_lr(runs, "2x64", "recipe") == 3.2e-2 and bench.chosen_lr(runs, "2x64", "dense") == 3.2e-2
+    # and it stops at LR_LIMITS: with 6.4e-2 the best, nothing beyond it is asked for
+    loss[6.4e-2] = 1.0
+    runs = [dict(r, final_val_loss=1.0) if r["lr"] == 6.4e-2 else r for r in runs]
+    assert bench.sweep_lrs(runs, "2x64", "dense") == [2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]
+    assert bench.chosen_lr(runs, "2x64", "dense") == 6.4e-2
+    assert bench.summarise(runs)["2x64"]["sweep"]["dense"]["best_at_edge"] is True

@@ -5,6 +5,8 @@ product to a backend:
 - ``cusparselt``: 2:4 semi-structured GEMMs through ``torch._cslt_*`` on Ampere/Hopper GPUs.
 
 Every backend exposes ``linear(x, w_eff, bias, *, mvue, generator, fp8, cache) -> y`` where
+``generator`` is a `torch.Generator` or the layer's MVUE draw ``(seed, offset)`` (an int64 CPU
+tensor, which torch.compile can trace where it cannot trace a generator), and
 ``cache`` is a per-layer dict it may use (e.g. the compressed weight, keyed by the weight's version,
 so the weight is compressed once per optimizer step and not per micro-batch).
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import warnings
 
 from ..config import BACKENDS as BACKEND_CHOICES, _fmt_choices
-from . import dense
+from . import cusparselt, dense  # both light: torch and ops only
 
 __all__ = ["dense", "get_backend", "select_backend", "BACKEND_CHOICES"]
 
@@ -26,8 +28,6 @@ def get_backend(name: str):
     if name == "dense":
         return dense
     if name == "cusparselt":
-        from . import cusparselt
-
         return cusparselt
     raise ValueError(f"Unknown backend {name!r}; valid choices: 'dense', 'cusparselt'")
 
@@ -58,8 +58,6 @@ def select_backend(config_backend: str, weight, dtype=None, *, warn: bool = True
         )
     if config_backend == "dense":
         return "dense", ""
-    from . import cusparselt
-
     ok, reason = cusparselt.can_use(weight, dtype=dtype)
     if ok:
         return "cusparselt", ""

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import fp8 as _fp8
-from ..ops.mvue import mvue24 as _mvue24
+from ..ops.mvue import draw_generator, mvue24 as _mvue24
 
 __all__ = ["can_use", "linear", "CuSparseLtLinearFunction", "semi_structured_weight", "to_semi_structured"]
 
@@ -66,10 +66,12 @@ def can_use(weight: torch.Tensor, x: Optional[torch.Tensor] = None, dtype: Optio
         False
     """
     dtype = dtype or weight.dtype
-    if not torch.backends.cusparselt.is_available():
-        return False, "this PyTorch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False)"
+    # The device first: it settles every CPU layer, and torch.compile can read it where it cannot
+    # trace `torch.backends.cusparselt.is_available()` (a graph break in the first forward).
     if not weight.is_cuda:
         return False, f"the weight is on {weight.device.type}; cuSPARSELt needs a CUDA device"
+    if not torch.backends.cusparselt.is_available():
+        return False, "this PyTorch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False)"
     cap = torch.cuda.get_device_capability(weight.device)
     name = torch.cuda.get_device_name(weight.device)
     if cap < (8, 0):
@@ -204,6 +206,8 @@ def _compressed_weights(w_eff: torch.Tensor, cache: Optional[dict], need_t: bool
 
 def _mvue_tokens_t(dy2: torch.Tensor, method: str, generator) -> torch.Tensor:
     """``MVUE(dY)^T`` as a row-major ``(out, T)`` tensor, 2:4 along tokens, ready to compress."""
+    if isinstance(generator, torch.Tensor):  # the layer's (seed, offset) draw
+        generator = draw_generator(generator, dy2.device)
     g_t = torch.empty(dy2.shape[1], dy2.shape[0], dtype=dy2.dtype, device=dy2.device)
     _mvue24(dy2, dim=0, method=method, generator=generator, out=g_t.t())  # the kernel writes it in place
     return g_t
@@ -294,7 +298,8 @@ def linear(x, w_eff, bias, *, mvue=None, generator=None, fp8=False, cache=None, 
         w_eff: ``(out, in)`` effective weight, 2:4 along ``in`` (zeros off the mask).
         bias: ``(out,)`` or None.
         mvue: None (dense weight gradient) or ``"exact"``/``"approx"`` (sparse, unbiased).
-        generator: `torch.Generator` on ``x``'s device for MVUE draws.
+        generator: `torch.Generator` on ``x``'s device for MVUE draws, or a draw ``(seed, offset)``
+            (an int64 CPU tensor, see `ops.mvue.draw_generator`).
         fp8: forward in e4m3 on sm90+ (real FP8 sparse GEMM), gradients rounded as e5m2.
         cache: the layer's dict; set ``cache["key"]`` to reuse the compressed weight.
         transposable: ``w_eff``'s mask is transposable (``w_eff.t()`` is 2:4), so the input

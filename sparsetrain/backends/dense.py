@@ -37,15 +37,18 @@ class DenseSparseLinearFunction(torch.autograd.Function):
             y = _fp8.scaled_mm(x2, w_eff.t(), e4m3, e4m3, out_dtype=x.dtype, bias=bias)
         else:
             y = F.linear(x2, w_eff, bias)
-        ctx.save_for_backward(x2, w_eff)
-        ctx.mvue, ctx.generator, ctx.fp8 = mvue, generator, fp8
+        # A (seed, offset) draw is a tensor: saved as one, so that torch.compile can trace it.
+        draw = generator if isinstance(generator, torch.Tensor) else None
+        ctx.save_for_backward(x2, w_eff, draw)
+        ctx.mvue, ctx.generator, ctx.fp8 = mvue, None if draw is not None else generator, fp8
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
         return y.reshape(*x.shape[:-1], w_eff.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, w = ctx.saved_tensors
+        x2, w, draw = ctx.saved_tensors
+        rng = draw if draw is not None else ctx.generator
         dy2 = dy.reshape(-1, dy.shape[-1])  # (T, out)
         dx = dw = db = None
         if ctx.fp8:
@@ -56,7 +59,7 @@ class DenseSparseLinearFunction(torch.autograd.Function):
                 g, xx = dy2, x2
                 if ctx.mvue is not None:
                     dyq = _fp8.fp8_cast_roundtrip(dy2, e5m2)
-                    g, xx = _common.mvue_tokens(dyq, x2, ctx.mvue, ctx.generator)
+                    g, xx = _common.mvue_tokens(dyq, x2, ctx.mvue, rng)
                 dw = _fp8.scaled_mm(g.t(), xx, e5m2, e4m3, out_dtype=w.dtype)  # (out, T) @ (T, in)
         else:
             if ctx.needs_input_grad[0]:
@@ -64,7 +67,7 @@ class DenseSparseLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 g, xx = dy2, x2
                 if ctx.mvue is not None:
-                    g, xx = _common.mvue_tokens(dy2, x2, ctx.mvue, ctx.generator)
+                    g, xx = _common.mvue_tokens(dy2, x2, ctx.mvue, rng)
                 dw = g.t() @ xx  # (out, T) @ (T, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)  # exact, from the un-quantised dY also with fp8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .. import backends
 from ..config import SparsityConfig, engine_requirements
 from ..methods import effective_weight, masked_weight
+from ..ops.mvue import mix_seed
 from ..ops.nm import check_finite
 from ..targets import is_conv1d
 from ._packing import pack_mask, packed_numel, unpack_mask
@@ -31,21 +32,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a DTensor gathered from all ranks (a collective), or the tensor itself."""
     gather = getattr(t, "full_tensor", None)
     return gather() if callable(gather) else t
-
-
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed from integers (splitmix64 steps), so (layer seed, rank, step) never collide
-    the way a linear combination can."""
-    x = 0x9E3779B97F4A7C15
-    mask = (1 << 64) - 1
-    for v in values:
-        x = (x ^ (int(v) & mask)) & mask
-        x = (x + 0x9E3779B97F4A7C15) & mask
-        z = x
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-        x = z ^ (z >> 31)
-    return x >> 1
 
 
 # What only an engine acts on comes from the config's declarations (`engine_requirements`: the
@@ -285,13 +271,14 @@ class SparseLinear(nn.Linear):
         self.source = "linear"  # or "conv1d": what `to_dense`/`export` give back
         self.name = name  # its name in the model (None: not known yet); the MVUE seed follows from it
         self.seed = layer_seed(config.seed, name)
+        # MVUE's draws: (seed, offset), on the CPU (read by the host, no sync), a tensor so that torch.compile
+        # traces its updates instead of recompiling for new values. None: draws start from `seed`.
+        self._mvue_draw: Optional[torch.Tensor] = None
         self._beta_ready = False  # a Python flag, so the forward never syncs on the beta buffer
-        self._generators: Dict[str, torch.Generator] = {}
         self.backend_name = "dense"
         self._backend_key = None  # (device, dtype) the backend was chosen for
         self._backend_cache: dict = {}
         self._state_version = 0  # bumps whenever W~ may change other than through the weight (keys the cache)
-        self._gen_seed: Optional[int] = None  # set by `set_step_state`; None: `seed` itself
         self.engine_attached = False  # True once a `sparsetrain.Sparsifier` owns this layer
         self._ramp = 1.0  # S-STE's threshold ramp in [0, 1] (1: plain S-STE)
         self.input_nm: Optional[Tuple[int, int]] = None  # (n, m): `sparsify` made the input N:M per token
@@ -342,7 +329,7 @@ class SparseLinear(nn.Linear):
 
     def set_name(self, name: str) -> None:
         """Name the layer (see `seed_names`); its MVUE seed follows from the name."""
-        self.name, self.seed = name, layer_seed(self.config.seed, name)
+        self.name, self.seed, self._mvue_draw = name, layer_seed(self.config.seed, name), None
 
     def set_step_state(self, *, sparse: bool, ramp: float = 1.0, step: int = 0, rank: int = 0,
                        keep_mask: bool = False) -> None:
@@ -356,9 +343,7 @@ class SparseLinear(nn.Linear):
         if sparse != self._sparse or ramp != self._ramp:
             self._state_version += 1  # W~ changes with the phase and the ramp: a cached W~ is stale
         self._sparse, self._ramp, self._keep_mask = sparse, ramp, bool(keep_mask)
-        self._gen_seed = mix_seed(self.seed, rank, step)
-        for gen in self._generators.values():
-            gen.manual_seed(self._gen_seed)
+        self._mvue_draw = torch.tensor([mix_seed(self.seed, rank, step), 0], device="cpu")
 
     @property
     def sparse_active(self) -> bool:
@@ -445,14 +430,15 @@ class SparseLinear(nn.Linear):
             fixed = unpack_mask(self.mask_packed, weight.shape) if cfg.transposable else None
             return masked_weight(weight, cfg.rule, cfg.n, cfg.m, self._beta(), fixed, need_mask=False, ramp=self._ramp)[0]
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """This layer's MVUE generator on ``device``, seeded from ``(seed, rank, step)`` by `set_step_state`
-        (from ``seed`` itself before any); created on first use."""
-        gen = self._generators.get(str(device))
-        if gen is None:
-            gen = self._generators[str(device)] = torch.Generator(device=device)
-            gen.manual_seed(self._gen_seed if self._gen_seed is not None else self.seed)
-        return gen
+    def _next_draw(self) -> torch.Tensor:
+        """``(seed, offset)`` of this forward's MVUE draw; the offset counts the draws since the
+        seed was set, so micro-batches of one step draw apart. Draw 0 of a seed is
+        ``torch.Generator().manual_seed(seed)``'s stream (`ops.mvue.draw_generator`)."""
+        draw = self._mvue_draw if self._mvue_draw is not None else torch.tensor([self.seed, 0], device="cpu")
+        # A new tensor, not an in-place update: the draw handed out here is saved for the backward
+        # and must keep its value (compiled, an in-place update reached the saved copy too).
+        self._mvue_draw = draw + torch.tensor([0, 1], device="cpu")
+        return draw
 
     def _choose_backend(self, x: torch.Tensor, sparse: bool) -> str:
         """The backend for this input's device and compute dtype (decided once per pair)."""
@@ -483,7 +469,7 @@ class SparseLinear(nn.Linear):
             dt = torch.get_autocast_dtype(dev)
             x, w = x.to(dt), w.to(dt)
             bias = bias.to(dt) if bias is not None else None
-        kwargs = dict(mvue=mvue, generator=self.generator(x.device) if mvue else None, fp8=fp8, cache=self._backend_cache)
+        kwargs = dict(mvue=mvue, generator=self._next_draw() if mvue else None, fp8=fp8, cache=self._backend_cache)
         if backend == "cusparselt":
             # W~ is compressed once per optimizer step: the cache is keyed by the weight's version,
             # and by the dtype and device W~ is computed in (`.half()` or a new autocast dtype keep

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["mvue24", "mvue24_probabilities", "MVUE_CHOICES"]
+__all__ = ["mvue24", "mvue24_probabilities", "mvue24_seeded", "mix_seed", "MVUE_CHOICES"]
 
 from .. import kernels  # the Triton twin (importing it imports no triton)
 from ._compiled import Compiled
@@ -281,3 +281,56 @@ def _mvue24_torch(g, method, generator, uniforms, pre, groups, post):
     for k_, ok in enumerate(out):  # each slice lands as runs of `post` contiguous entries
         result[:, :, k_, :] = ok
     return result.reshape(g.shape)
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps), so (layer seed, rank, step) never collide
+    the way a linear combination can.
+
+    Example:
+        >>> mix_seed(1, 2) == mix_seed(1, 2) != mix_seed(2, 1)
+        True
+    """
+    x = 0x9E3779B97F4A7C15
+    mask = (1 << 64) - 1
+    for v in values:
+        x = (x ^ (int(v) & mask)) & mask
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        x = z ^ (z >> 31)
+    return x >> 1
+
+
+def draw_generator(draw: torch.Tensor, device) -> torch.Generator:
+    """The generator of one MVUE draw ``draw = (seed, offset)`` (an int64 CPU tensor of 2).
+
+    Draw 0 of a seed uses the seed itself, so one draw per seed gives the stream of
+    ``torch.Generator().manual_seed(seed)``; draw k > 0 uses ``mix_seed(seed, k)``.
+    """
+    seed, offset = (int(v) for v in draw.tolist())
+    return torch.Generator(device=device).manual_seed(seed if offset == 0 else mix_seed(seed, offset))
+
+
+# Opaque to torch.compile: Dynamo cannot trace a generator object (nor `torch.rand(generator=...)`),
+# so the draw runs behind a custom op whose inputs are tensors and plain values. `draw` is read on
+# the host (keep it on the CPU: no device synchronisation).
+@torch.library.custom_op("sparsetrain::mvue24_seeded", mutates_args=())
+def mvue24_seeded(g: torch.Tensor, draw: torch.Tensor, dim: int, method: str) -> torch.Tensor:
+    """`mvue24` of ``g`` with its uniforms drawn from ``draw = (seed, offset)`` (`draw_generator`).
+
+    Example:
+        >>> g = torch.tensor([4.0, 1.0, 0.0, 0.0])
+        >>> torch.equal(mvue24_seeded(g, torch.tensor([5, 0]), 0, "exact"),
+        ...             mvue24(g, 0, "exact", torch.Generator().manual_seed(5)))
+        True
+    """
+    if draw.dtype != torch.int64 or draw.shape != (2,) or draw.device.type != "cpu":
+        raise ValueError(f"`draw` must be an int64 CPU tensor (seed, offset), got {draw.dtype} {tuple(draw.shape)} on {draw.device}")
+    return mvue24(g, dim, method, draw_generator(draw, g.device))
+
+
+@mvue24_seeded.register_fake
+def _mvue24_seeded_fake(g, draw, dim, method):
+    return g.new_empty(g.shape)  # mvue24 returns a new contiguous tensor like g

@@ -62,9 +62,10 @@ def _rank_key(g: torch.Tensor) -> torch.Tensor:
 def _nan_groups_(out: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Set to NaN, in place, every group of ``out`` whose ``key`` holds an inf (a NaN or inf of w)."""
     bad = _nonfinite_groups(key)
-    # On CPU the check is cheap and saves the fill pass in the usual all-finite case; elsewhere
-    # the fill is unconditional so that no host synchronisation happens.
-    if out.device.type != "cpu" or bool(bad.any()):
+    # On CPU the check is cheap and saves the fill pass in the usual all-finite case; elsewhere,
+    # and under torch.compile (where a data-dependent branch breaks the graph and the fill fuses
+    # into the producer), the fill is unconditional so that no host synchronisation happens.
+    if out.device.type != "cpu" or torch.compiler.is_compiling() or bool(bad.any()):
         out.masked_fill_(bad, float("nan"))
     return out
 

@@ -271,9 +271,7 @@ class SparseLinear(nn.Linear):
         self.source = "linear"  # or "conv1d": what `to_dense`/`export` give back
         self.name = name  # its name in the model (None: not known yet); the MVUE seed follows from it
         self.seed = layer_seed(config.seed, name)
-        # MVUE's draws: (seed, offset), on the CPU (read by the host, no sync), a tensor so that torch.compile
-        # traces its updates instead of recompiling for new values. None: draws start from `seed`.
-        self._mvue_draw: Optional[torch.Tensor] = None
+        self._mvue_draw: Optional[torch.Tensor] = None  # the next MVUE draw (seed, offset); None: from `seed`
         self._beta_ready = False  # a Python flag, so the forward never syncs on the beta buffer
         self.backend_name = "dense"
         self._backend_key = None  # (device, dtype) the backend was chosen for
@@ -433,7 +431,9 @@ class SparseLinear(nn.Linear):
     def _next_draw(self) -> torch.Tensor:
         """``(seed, offset)`` of this forward's MVUE draw; the offset counts the draws since the
         seed was set, so micro-batches of one step draw apart. Draw 0 of a seed is
-        ``torch.Generator().manual_seed(seed)``'s stream (`ops.mvue.draw_generator`)."""
+        ``torch.Generator().manual_seed(seed)``'s stream (`ops.mvue.draw_generator`). An int64 CPU
+        tensor: read by the host with no sync, and traced by torch.compile (a Python int would be
+        guarded on and recompiled for every new value)."""
         draw = self._mvue_draw if self._mvue_draw is not None else torch.tensor([self.seed, 0], device="cpu")
         # A new tensor, not an in-place update: the draw handed out here is saved for the backward
         # and must keep its value (compiled, an in-place update reached the saved copy too).

@@ -338,6 +338,16 @@ def resume_fields() -> Tuple[str, ...]:
     return fields_of("math", "schedule")
 
 
+def resume_value(value: Any) -> Any:
+    """A field's value as a resume compares it: tuples and lists alike (a state read back from JSON
+    or YAML holds lists), dicts compared by their values the same way."""
+    if isinstance(value, (tuple, list)):
+        return [resume_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: resume_value(v) for k, v in value.items()}
+    return value
+
+
 def field_help() -> Dict[str, str]:
     """``{field: help text}`` for every field (RST markup as in docstrings)."""
     out = {name: f.metadata["help"] for name, f in _FIELDS.items()}

@@ -252,13 +252,6 @@ def load_checkpoint(path: Path, what: str = "ckpt_path") -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ resume checks
 
-def _norm(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_norm(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _norm(x) for k, x in v.items()}
-    return v
-
 
 def config_mismatch(ckpt: Dict[str, Any], model: Dict[str, Any], sparsity: Optional[Dict[str, Any]]
                     ) -> Optional[Tuple[str, Any, Any]]:
@@ -272,16 +265,17 @@ def config_mismatch(ckpt: Dict[str, Any], model: Dict[str, Any], sparsity: Optio
     Returns:
         ``("model.n_embd", checkpoint value, new value)``, or None when the run can resume.
     """
+    from .config import field_info, resume_fields, resume_value
+
     hp = ckpt.get("hyper_parameters") or {}
     for field in MODEL_SHAPE_FIELDS:
-        if field in hp and field in model and _norm(hp[field]) != _norm(model[field]):
+        if field in hp and field in model and resume_value(hp[field]) != resume_value(model[field]):
             return f"model.{field}", hp[field], model[field]
     old = ckpt.get("sparsity_config")
     if old is None:
         old = {"method": "dense"} if "hyper_parameters" in ckpt else None
     if old is not None and sparsity is not None:
         from . import methods
-        from .config import field_info, resume_fields
 
         default = field_info("method")["default"]
         old_method, new_method = old.get("method", default), sparsity.get("method", default)
@@ -291,6 +285,6 @@ def config_mismatch(ckpt: Dict[str, Any], model: Dict[str, Any], sparsity: Optio
                 and old.get("activation_sparsity") is None and sparsity.get("activation_sparsity") is None:
             return None  # the baseline: the other fields act on nothing
         for field in resume_fields():
-            if field in old and field in sparsity and _norm(old[field]) != _norm(sparsity[field]):
+            if field in old and field in sparsity and resume_value(old[field]) != resume_value(sparsity[field]):
                 return f"sparsity.{field}", old[field], sparsity[field]
     return None

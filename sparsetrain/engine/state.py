@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence, Tuple
 
-from ..config import MATH_FIELDS, SparsityConfig
+from ..config import MATH_FIELDS, SparsityConfig, resume_value
 
 __all__ = ["MATH_FIELDS", "STATE_FORMAT", "fingerprint", "check_adopted", "check_resume"]
 
@@ -21,14 +21,6 @@ def _describe(value: Any) -> Any:
     """A config value as it is compared across a resume (a callable by its qualified name)."""
     if callable(value):
         return f"<callable {getattr(value, '__qualname__', type(value).__name__)}>"
-    return value
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
@@ -56,7 +48,7 @@ def check_resume(state: Dict[str, Any], config: SparsityConfig, swapped: List[st
     mine = fingerprint(config)
     for field, value in (state.get("config") or {}).items():
         # (a state read back from JSON holds lists where the config holds tuples)
-        if field in mine and _plain(value) != _plain(mine[field]) and not (field == "targets" and str(value).startswith("<callable")):
+        if field in mine and resume_value(value) != resume_value(mine[field]) and not (field == "targets" and str(value).startswith("<callable")):
             raise ValueError(
                 f"Cannot resume: the checkpoint was trained with sparsity.{field}={value!r}, this run has "
                 f"sparsity.{field}={mine[field]!r}. Resume with the checkpoint's value, or start a new run."

@@ -148,6 +148,8 @@ def run_one(method: str, seed: int, steps: int, val_every: int, workdir: Path, c
 
     ``row_args``: the row's overrides when the row is not one of ``ROWS`` (the size study,
     ``pretrain_quality_scale.py``, defines its own rows); ``HALF_FFN`` in it is resolved as here."""
+    import torch
+
     from sparsetrain.cli import main
 
     row_args = _row_args(method, settings) if row_args is None else _resolve_half(row_args, settings)
@@ -165,6 +167,8 @@ def run_one(method: str, seed: int, steps: int, val_every: int, workdir: Path, c
         "--model.warmup_steps", str(max(1, steps // 10)),
         "--data.cache_dir", cache_dir,
         "--sparsity.seed", str(seed),
+        # The CLI would choose its own thread count from the load at start: keep this script's.
+        "--threads", str(torch.get_num_threads()),
         *_overrides(settings),
         *row_args,
     ]

@@ -117,10 +117,12 @@ class SparsityConfig:
         "auto", "runtime", '``"auto"`` (cuSPARSELt where it can run, else dense), ``"dense"``, ``"cusparselt"``: '
         "how the same product is computed.", choices=BACKENDS)
     dense_finetune_from: Optional[Union[int, float]] = _field(
-        None, "schedule", f"switch to dense training at {_STEPS}; ``None`` never switches.",
+        None, "schedule", f"switch to dense training at {_STEPS}; ``None`` never switches. The dense phase "
+        "starts from the sparse model: W~ is written into W at the switch.",
         engine="`dense_finetune_from` is a schedule of the engine; without one training never switches")
     seed: Optional[int] = _field(
-        None, "runtime", "seeds the MVUE sampling generators; ``None`` draws one from torch's global RNG.")
+        None, "runtime", "seeds the MVUE sampling generators (each layer's seed mixes it with the layer's name); "
+        "``None`` uses a fixed default, whatever torch's global seed.")
     transposable: bool = _field(
         False, "math", "use masks that are N:M along rows and columns of every m x m tile (methods that support "
         "it: STE / SR-STE), so that W~^T is N:M too and the input-gradient GEMM can be sparse.",

@@ -113,7 +113,8 @@ def reference_loop(cfg, steps=loops.STEPS):
             state["sparse"] = False
             for mod in downs:
                 if parametrize.is_parametrized(mod):
-                    parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+                    # the dense phase starts from the masked weight (the same Parameter, its data set to W~)
+                    parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
         batch = ids[i * loops.B:(i + 1) * loops.B]
         model(input_ids=batch, labels=batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), loops.CLIP)

@@ -105,7 +105,8 @@ def test_dense_finetune_switch():
     cb = st.SparseTraining(method="sr-ste", targets="all", dense_finetune_from=0.5)
     quiet_trainer(max_steps=6, log_every_n_steps=1, callbacks=[cb, rec]).fit(model, loader(n_batches=6))
     assert cb.dense_phase
-    assert [r["zero_fraction"] >= 0.5 for r in rec.ref] == [True, True, False, False, False, False]
+    # recorded after each step: the switch after step 3 writes W~ into W (still 2:4), the dense steps fill it
+    assert [r["zero_fraction"] >= 0.5 for r in rec.ref] == [True, True, True, False, False, False]
     for _, layer in st.sparse_layers(model):
         assert torch.equal(layer.effective_weight(), layer.weight.detach())
 

@@ -113,6 +113,33 @@ def test_dense_warmup_fraction_needs_max_steps_and_counts_steps():
     assert [sparsity.phase_at(k) for k in (0, 2, 3, 11)] == ["dense", "dense", "sparse", "sparse"]
 
 
+# ------------------------------------------------------------------------------ dense final phase
+@pytest.mark.parametrize("method", ["s-ste", "ste"])
+def test_dense_finetune_starts_from_the_sparse_model(method):
+    """At ``dense_finetune_from`` W becomes the W~ the sparse phase trained (beta * soft threshold for
+    S-STE, the masked W for STE), then trains dense: the model's function is continuous at the switch."""
+    switch, steps = 4, 7
+    model, sparsity, _ = _engine_run(st.SparsityConfig(method=method, targets="all", dense_finetune_from=switch), steps)
+
+    lin = _model()[0]
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    x, y = _data()
+    beta = _beta(w) if method == "s-ste" else None  # taken at step 0, frozen
+    sparse_of = (lambda v: beta * _soft(v, 1.0)) if method == "s-ste" else (lambda v: v * _mask(v))
+    for k in range(steps):
+        if k == switch:
+            w = sparse_of(w)  # the switch keeps the function the sparse phase trained
+        w_eff = sparse_of(w) if k < switch else w
+        gw, gb = _loss_grads(x, y, w_eff, b)
+        w, b = w - LR * gw, b - LR * gb
+    layer = model[0]
+    assert sparsity.phase == "dense"
+    assert torch.allclose(layer.weight, w, atol=1e-5)
+    assert torch.allclose(layer.bias, b, atol=1e-5)
+    # dense steps after the switch grew the zeroed weights back
+    assert int((layer.weight != 0).reshape(8, 4, 4).sum(-1).max()) > 2
+
+
 # ------------------------------------------------------------------------------ threshold ramp
 def test_threshold_ramp_values_and_weights_against_a_loop():
     ramp, steps = 4, 7

@@ -23,7 +23,7 @@ from ..methods import decay_term
 from ..nn.linear import SparseLinear, local_tensor
 from ._dist import ShardSum, nonfinite_flags
 
-__all__ = ["GradientRules", "decay_rate", "has_decay", "initial_betas", "method_metrics"]
+__all__ = ["GradientRules", "decay_rate", "has_decay", "initial_betas", "keep_sparse_weights", "method_metrics"]
 
 Layers = Sequence[Tuple[str, SparseLinear]]
 
@@ -50,6 +50,19 @@ def initial_betas(layers: Layers, config: SparsityConfig, reduce: ShardSum) -> O
     stats = torch.stack([rule.scale_stats(local_tensor(layer.weight.detach()), config.n, config.m)
                          for _, layer in layers])  # (layers, stats)
     return [rule.scale_from_stats(row) for row in reduce(stats).unbind(0)]
+
+
+@torch.no_grad()
+def keep_sparse_weights(layers: Layers) -> None:
+    """At the switch to the dense final phase, write each layer's W~ into W (rank-local).
+
+    Dense fine-tuning then starts from the model the sparse phase trained. Without it the first
+    dense step would use the raw W: for S-STE, the weights before the soft threshold and beta
+    (on the 2x64 squared-ReLU model of ``benchmarks/activation_quality.py`` the validation loss
+    went from 1.71 to 3.16 at the switch), for STE every pruned weight at once."""
+    for _, layer in layers:
+        w_eff, _ = layer.projection()
+        local_tensor(layer.weight.data).copy_(w_eff)
 
 
 class GradientRules:

@@ -48,7 +48,7 @@ from ._dist import ShardSum, dist_rank, refuse_wrapped, unwrap_optimizer
 from .hooks import OptimizerHooks, warn_until_attached
 from .metrics import StepMetrics
 from .prune_at import PruneAt
-from .rules import GradientRules, has_decay, initial_betas, method_metrics
+from .rules import GradientRules, has_decay, initial_betas, keep_sparse_weights, method_metrics
 from .schedule import Schedule
 from .state import STATE_FORMAT, check_adopted, check_resume, fingerprint
 
@@ -293,6 +293,8 @@ class Sparsifier:
             self._prune.prune(self.step)
         if switched:
             log.info("Sparsifier: %s training from optimizer step %d", phase, self.step)
+            if phase == "dense":  # the dense final phase continues from the sparse model
+                keep_sparse_weights(self._layers)
         self._set_step_state(phase)
         if switched and phase == "sparse":
             self._take_sparsity_state()

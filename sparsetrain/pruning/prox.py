@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from ..ops._compiled import Compiled
+from ..ops._compiled import Compiled, compile_in_background
 from ..ops.nm import group_view, nm_mask, project_nm
 
 __all__ = ["prox_2to4", "regularizer_2to4", "ProxResult", "prox_prune", "lambda_max"]
@@ -250,14 +250,69 @@ def _uses_compiled(z: torch.Tensor) -> bool:
     return z.device.type == "cpu" and z.numel() >= 4 * _COMPILE_MIN_GROUPS
 
 
-def compile_pending(v0: torch.Tensor) -> bool:
-    """Whether `prox_prune` on ``v0`` will first compile its element-wise steps in this process.
+_ALL = (_START, _END, _SWEEPS3, _SWEEPS4)
 
-    That takes ~10-20 s when inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by default
-    ``/tmp/torchinductor_<user>``) already holds the kernels, and one to two minutes on a busy
-    2-core machine when it does not; `prune` says so on screen before it starts.
+
+def compile_pending(v0: torch.Tensor) -> bool:
+    """Whether `prox_prune` on ``v0`` would use element-wise steps not compiled yet in this process.
+
+    Compiling them takes ~5 s when inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by
+    default ``/tmp/torchinductor_<user>``) already holds the kernels, and ~30 s to two minutes
+    on a busy 2-core machine when it does not. `prune` starts it with `compile_in_background`.
     """
-    return _uses_compiled(v0) and not _START.disabled and _START.fn is None
+    return _uses_compiled(v0) and any(c.pending for c in _ALL)
+
+
+# Up to this many weights in layers whose steps are not compiled yet, `prune` stays eager: the
+# compile costs more than it saves. Measured with one thread on the loaded 2-core machine: eager
+# adds ~0.3 s per layer plus ~11 us per weight to the compiled time (128x128: 0.52 vs 0.12 s;
+# 512x512: 4.4 vs 1.5 s; 1024x1024: 19.7 vs 8.4 s), and compiling costs ~5 s with inductor's
+# disk cache, ~25 s without. A 2x128 GPT-2 (0.4M weights) pruned in 6.8 s eagerly, 8.7 s with a
+# warm cache and 17.7 s compiling in the background with a cold one
+# (`benchmarks/results/prune_first_use.json`).
+EAGER_MAX_WEIGHTS = 1_000_000
+
+
+def compile_plan(weights) -> str:
+    """How `prune` runs the prox on layers of these weights: ``"compiled"`` (compiled already, or
+    no layer is large enough to use it), ``"eager"`` (compiling would cost more than it saves: up
+    to `EAGER_MAX_WEIGHTS` weights) or ``"background"`` (`start_compiling`)."""
+    pending = [w for w in weights if compile_pending(w)]
+    if not pending:
+        return "compiled"
+    return "eager" if sum(w.numel() for w in pending) <= EAGER_MAX_WEIGHTS else "background"
+
+
+def warm_up() -> None:
+    """Compile the prox's element-wise steps by running them on a small problem (a few seconds
+    once compiled). The extra sweep chunks run only for slowly converging groups, so they are
+    called directly, without grad as the prox calls them (a change of grad mode recompiles)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    prox_prune(torch.randn(48, 64, generator=g), x.T @ x / 256, beta=1.3, accelerate=True)
+    a = [torch.rand(1024, generator=g) for _ in range(4)]
+    lam, tol = torch.tensor(0.5), torch.full((1024,), 1e-6)
+    with torch.no_grad():
+        _SWEEPS3(*a[:3], *[t.clone() for t in a[:3]], lam, tol)  # distinct tensors, as in use
+        _SWEEPS4(*a, *[t.clone() for t in a], lam, tol)
+
+
+def start_compiling() -> bool:
+    """Compile the prox's steps in a background thread (`warm_up`); until it is done, `prox_prune`
+    runs eagerly (bitwise the same results, several times slower on large layers), then switches,
+    in the middle of a layer if need be. Returns False when there is nothing left to compile."""
+    return compile_in_background(_ALL, warm_up)
+
+
+def compiling_in_background() -> bool:
+    """True while `start_compiling`'s thread runs."""
+    return any(c.compiling_in_background for c in _ALL)
+
+
+def finish_compiling() -> None:
+    """Wait for `start_compiling`'s thread (a process that exits first leaves the disk cache unfilled)."""
+    for c in _ALL:
+        c.wait_for_background()
 
 
 def _call(compiled: Compiled, fn, use: bool, *args):
@@ -266,7 +321,7 @@ def _call(compiled: Compiled, fn, use: bool, *args):
     return out if out is not None else fn(*args)
 
 
-def _prox_blocked(z: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
+def _prox_blocked(z: torch.Tensor, lam: float, eager: bool = False) -> tuple[torch.Tensor, int]:
     """The prox of ``lam * R`` for groups laid out member-major: ``z`` is ``[4, C]`` and group ``c``
     is ``z[:, c]``.
 
@@ -289,11 +344,11 @@ def _prox_blocked(z: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
     if lam == 0.0:
         return z.clone(), int(((z != 0).sum(0) > 2).sum())
     with torch.no_grad():  # one grad mode for every caller: a compiled function recompiles on a change
-        return _prox_blocked_impl(z, lam)
+        return _prox_blocked_impl(z, lam, eager)
 
 
-def _prox_blocked_impl(z: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
-    big = _uses_compiled(z)
+def _prox_blocked_impl(z: torch.Tensor, lam: float, eager: bool) -> tuple[torch.Tensor, int]:
+    big = _uses_compiled(z) and not eager
     lam_t = torch.tensor(lam, dtype=z.dtype, device=z.device)  # 0-d: a float would recompile per lam
     rel_tol, max_sweeps = _PROX_SWEEPS[torch.float64 if z.dtype == torch.float64 else torch.float32]
     s0, s1, s2, s3, contested, tol, x0, x1, x2, done3, y0, y1, y2, y3, done4 = _call(_START, _start, big, z, lam_t, rel_tol)
@@ -369,6 +424,7 @@ def prox_prune(
     step: Optional[float] = None,
     accelerate: bool = False,
     idle_beta: Optional[float] = None,
+    eager: bool = False,
 ) -> ProxResult:
     """Proximal gradient on ``0.5 tr((V - V0) H (V - V0)^T) + lam_k R(V)`` until every group is 2:4.
 
@@ -404,6 +460,7 @@ def prox_prune(
         step: gradient step size; ``None`` uses ``1 / lambda_max(h)``.
         accelerate: FISTA momentum (see above); ``False`` is the paper's plain proximal gradient.
         idle_beta: lambda's growth outside the phase where groups are decided (see above).
+        eager: never use the compiled steps (the same results; `compile_plan` says when that is faster).
 
     Returns:
         A `ProxResult`; ``mask`` keeps exactly two entries per group (the non-zeros of ``weight``
@@ -444,7 +501,7 @@ def prox_prune(
         # z = Y - step * H (Y - V0): a gradient step on the local loss (transposed), in one addmm.
         torch.addmm(y, hb, y - vb0, alpha=-step, out=z.view(in_f, out_f))
         v_prev = v
-        v, n_dense = _prox_blocked(z, step * lam)
+        v, n_dense = _prox_blocked(z, step * lam, eager)
         v = v.view(in_f, out_f)
         done = n_dense == 0
         it += 1

@@ -34,7 +34,7 @@ from .calibration import (
     set_layer_weight,
 )
 from .methods import local_loss
-from .prox import compile_pending, prox_prune
+from .prox import compile_pending, compile_plan, prox_prune, start_compiling
 from .refine import REFINE_SOLVERS, refine_masked
 from .registry import PRUNE_METHODS, PRUNERS
 
@@ -374,6 +374,15 @@ def prune(
                          transposable=transposable, skipped=list(skipped))
     t_start = time.perf_counter()
     bar = _progress_bar(len(chosen), f"pruning ({method})", progress)
+    # The first compilation of a process takes ~5 s (inductor's disk cache) to minutes (none): on
+    # small models the prox runs eagerly, on larger ones it compiles in a thread while the layers
+    # run eagerly (bitwise the same results either way, only the time differs).
+    plan = compile_plan([layer_weight(mod) for mod in chosen.values()]) if base == "prox" else "compiled"
+    if plan == "background":
+        start_compiling()
+        if progress:
+            bar.write("compiling the prox steps in the background (seconds with inductor's disk cache, up to "
+                      "minutes without); layers run eagerly until it is done")
 
     def prune_one(name: str, mod: nn.Module, h: torch.Tensor, tokens: int) -> None:
         t0 = time.perf_counter()
@@ -390,12 +399,8 @@ def prune(
         if pruner.prune is not None:
             w_hat, mask = pruner.prune(w, h, n, m, mask=tmask, **options)
         else:  # prox: its schedule runs here, on the normalised problem, and reports its iterations
-            if progress and compile_pending(v0):
-                # The first compiled call of a process is silent for 10 s to 2 minutes.
-                bar.write("compiling the prox steps (once per process; slow the first time on a machine, "
-                          "inductor's disk cache makes later runs faster)...")
             res = prox_prune(v0, hn, lambda0=lambda0, beta=beta, max_iters=max_prox_iters,
-                             accelerate=prox_accelerate, idle_beta=prox_idle_beta)
+                             accelerate=prox_accelerate, idle_beta=prox_idle_beta, eager=plan == "eager")
             prox_iters, hit_cap = res.iterations, res.hit_cap
             v, mask = res.weight, res.mask
             if hit_cap:
@@ -420,6 +425,8 @@ def prune(
         if progress:  # a line per layer: the bar alone says nothing during a long layer
             layer = report.layers[-1]
             extra = "" if prox_iters is None else f", {prox_iters} prox iterations"
+            if prox_iters is not None and plan == "background" and compile_pending(w):
+                extra += " (eager: still compiling)"
             bar.write(f"  {name} [{layer.shape[0]}x{layer.shape[1]}]: rel.err {layer.rel_error:.4f}, "
                       f"{layer.seconds:.1f} s{extra}")
         bar.set_postfix_str(name, refresh=False)

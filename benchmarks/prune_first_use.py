@@ -15,7 +15,8 @@ Each cold case gets its own empty ``TORCHINDUCTOR_CACHE_DIR``. The model is a ra
 GPT-2 (``--layers`` x ``--width``, byte vocabulary) calibrated on random tokens: the time depends on
 the layer shapes and the prox's iteration counts, not on what the weights learnt.
 
-    python benchmarks/prune_first_use.py              # -> benchmarks/results/prune_first_use.json
+    python benchmarks/prune_first_use.py                           # 2x128: 0.4M weights, eager
+    python benchmarks/prune_first_use.py --layers 1 --width 384    # 1.8M weights: background compile
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def _child(args) -> None:
     report = st.prune(model, calib, method=args.method, refine_steps=args.refine_steps, progress=False)
     seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": seconds, "layer_seconds": [l.seconds for l in report.layers],
+                      "prunable_weights": sum(l.shape[0] * l.shape[1] for l in report.layers),
+                      "eager_max_weights": px.EAGER_MAX_WEIGHTS,
                       "rel_errors": [l.rel_error for l in report.layers],
                       "still_compiling_at_the_end": px.compiling_in_background()}))
 
@@ -117,11 +120,14 @@ def main(argv=None) -> int:
         res["time_ratio_to_sparsegpt_refine"] = res["seconds"] / ref
         if CASES[case][0] == "prox":
             res["same_rel_errors_as_eager"] = res["rel_errors"] == eager_err
-    result = {"benchmark": "prune_first_use", "stamp": started,
-              "setup": {k: v for k, v in vars(args).items() if k not in ("out", "child", "method", "how")},
-              "cases": cases}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    models = old.get("models", {})  # other model sizes run before are kept, each with its stamp
+    models[f"{args.layers}x{args.width}"] = {
+        "stamp": started, "setup": {k: v for k, v in vars(args).items() if k not in ("out", "child", "method", "how")},
+        "prunable_weights": cases["prox, eager"]["prunable_weights"], "cases": cases}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "prune_first_use", "models": models}, indent=1))
     print(f"wrote {args.out}")
     return 0
 

@@ -2,21 +2,22 @@
 
 The prox's element-wise steps are compiled by inductor once per process: seconds when inductor's
 disk cache holds the kernels, much longer when it does not (a first run on a machine). `prune`
-compiles in a background thread while the first layers run eagerly (bitwise the same results).
-This script times one prune of the same model in fresh processes, side by side:
+runs small models eagerly, where that is faster than compiling first (`prox.compile_plan`; the
+results are bitwise the same). This script times one prune of the same model in fresh processes,
+side by side:
 
 - ``sparsegpt+refine``: the reference (compiles nothing);
+- ``prox, default, cold cache``: what `prune` does on a first run on a machine;
 - ``prox, compile first, cold cache``: compile, then prune (what `prune` did before);
-- ``prox, background compile, cold cache``: what `prune` does now on a first run;
-- ``prox, warm cache``: a later run on the same machine;
+- ``prox, compile first, warm cache``: the same on a later run;
 - ``prox, eager``: ``SPARSETRAIN_COMPILE=0``.
 
 Each cold case gets its own empty ``TORCHINDUCTOR_CACHE_DIR``. The model is a randomly initialised
 GPT-2 (``--layers`` x ``--width``, byte vocabulary) calibrated on random tokens: the time depends on
 the layer shapes and the prox's iteration counts, not on what the weights learnt.
 
-    python benchmarks/prune_first_use.py                           # 2x128: 0.4M weights, eager
-    python benchmarks/prune_first_use.py --layers 1 --width 384    # 1.8M weights: background compile
+    python benchmarks/prune_first_use.py                           # 2x128: 0.4M weights
+    python benchmarks/prune_first_use.py --layers 1 --width 384    # 1.8M weights
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "prune_first_use.json"
 
 CASES = {  # name -> (method, how, cache)
     "sparsegpt+refine": ("sparsegpt+refine", "default", "cold"),
+    "prox, default, cold cache": ("prox", "default", "cold"),
     "prox, compile first, cold cache": ("prox", "compile-first", "cold"),
-    "prox, background compile, cold cache": ("prox", "default", "cold"),
-    "prox, warm cache": ("prox", "default", "warm"),
+    "prox, compile first, warm cache": ("prox", "compile-first", "warm"),
     "prox, eager": ("prox", "eager", "cold"),
 }
 
@@ -66,8 +67,7 @@ def _child(args) -> None:
     print(json.dumps({"seconds": seconds, "layer_seconds": [l.seconds for l in report.layers],
                       "prunable_weights": sum(l.shape[0] * l.shape[1] for l in report.layers),
                       "eager_max_weights": px.EAGER_MAX_WEIGHTS,
-                      "rel_errors": [l.rel_error for l in report.layers],
-                      "still_compiling_at_the_end": px.compiling_in_background()}))
+                      "rel_errors": [l.rel_error for l in report.layers]}))
 
 
 def _run(case: str, args, warm_cache: str) -> dict:

@@ -628,7 +628,7 @@ def test_prune_stays_eager_on_small_models(monkeypatch, capsys):
     assert px.compile_pending(ws[0]) and not px.compile_pending(ws[1])  # the second is below the compile size
     assert px.compile_plan(ws) == "eager"
     monkeypatch.setattr(px, "EAGER_MAX_WEIGHTS", 96 * 32 - 1)
-    assert px.compile_plan(ws) == "background"
+    assert px.compile_plan(ws) == "compile"
     monkeypatch.setattr(px, "EAGER_MAX_WEIGHTS", 10 ** 9)
     report = prune(_tiny_gpt2(), _calib(), method="prox", refine_steps=5, lambda0=0.5, beta=1.05, progress=True)
     out = capsys.readouterr().out.splitlines()
@@ -640,71 +640,32 @@ def test_prune_stays_eager_on_small_models(monkeypatch, capsys):
         assert line.endswith(f"{layer.seconds:.1f} s, {layer.prox_iters} prox iterations")
 
 
-def test_prune_compiles_in_the_background_and_switches_when_done(monkeypatch, capsys):
-    """Layers run eagerly while the compile thread works, the compiled steps afterwards; the
-    results equal an all-eager prune's (the "compiled" function here is the eager one, counted)."""
-    import threading
-
+def test_prune_compiles_first_on_larger_models(monkeypatch, capsys):
+    """Above `EAGER_MAX_WEIGHTS` the steps are compiled once, announced, before the first layer;
+    the results equal an eager prune's (the "compiled" function here is the eager one, counted)."""
     import sparsetrain.pruning.prox as px
 
-    release, calls = threading.Event(), {"main": 0, "warm": 0}
+    calls = {"compiled": 0}
 
     def fake_compile(fn, **kw):
         def run(*args):
-            if threading.current_thread().name == "sparsetrain-compile":
-                assert release.wait(60)  # "compiling" until the test says so
-                calls["warm"] += 1
-            else:
-                calls["main"] += 1
+            calls["compiled"] += 1
             return fn(*args)
         return run
 
-    _fresh_prox_compiles(monkeypatch, px, fake_compile)
+    fresh = _fresh_prox_compiles(monkeypatch, px, fake_compile)
+    eager = prune(_tiny_gpt2(), _calib(), method="prox", refine_steps=5, lambda0=0.5, beta=1.05, progress=False)
+    assert calls["compiled"] == 0 and all(c.fn is None for c in fresh.values())
     monkeypatch.setattr(px, "EAGER_MAX_WEIGHTS", 0)
-    eager = prune(_tiny_gpt2(), _calib(), method="prox", refine_steps=5, lambda0=0.5, beta=1.05, progress=True)
+    assert px.compile_plan([torch.zeros(96, 32)]) == "compile"
+    compiled = prune(_tiny_gpt2(), _calib(), method="prox", refine_steps=5, lambda0=0.5, beta=1.05, progress=True)
     out = capsys.readouterr().out.splitlines()
-    assert [line for line in out if line.startswith("compiling the prox steps")] and calls["main"] == 0
-    big = [layer for layer in eager.layers if px._uses_compiled(torch.zeros(layer.shape))]
-    assert big, "no layer large enough to use the compiled steps"
-    for layer in big:
-        line = next(line for line in out if line.startswith(f"  {layer.name} "))
-        assert line.endswith("(eager: still compiling)")
-    assert px.compiling_in_background()
-    release.set()
-    px.finish_compiling()
-    assert not px.compiling_in_background() and calls["warm"] > 0
-    switched = prune(_tiny_gpt2(), _calib(), method="prox", refine_steps=5, lambda0=0.5, beta=1.05, progress=True)
-    assert calls["main"] > 0  # the second prune ran the compiled steps
-    assert not any(line.startswith("compiling") for line in capsys.readouterr().out.splitlines())
-    assert [l.rel_error for l in switched.layers] == [l.rel_error for l in eager.layers]
-
-
-def test_background_compile_errors(monkeypatch):
-    """An environment problem (no compiler) warns and stays eager; any other error reaches the caller."""
-    from sparsetrain.ops._compiled import Compiled, compile_in_background
-
-    def broken(exc):
-        def compile_fn(fn, **kw):
-            def run(*args):
-                raise exc
-            return run
-        return compile_fn
-
-    c = Compiled(lambda x: x + 1, "op", "slower")
-    monkeypatch.setattr(torch, "compile", broken(OSError("no C++ compiler")))
-    with pytest.warns(UserWarning, match=r"op: torch.compile failed here \(OSError: no C\+\+ compiler\)"):
-        assert compile_in_background([c], lambda: c(torch.zeros(2)))
-        c.wait_for_background()
-    assert c.disabled and c(torch.zeros(2)) is None
-
-    c = Compiled(lambda x: x + 1, "op", "slower")
-    monkeypatch.setattr(torch, "compile", broken(ValueError("a bug")))
-    assert compile_in_background([c], lambda: c(torch.zeros(2)))
-    c.wait_for_background()
-    with pytest.raises(RuntimeError, match="op: the background compile failed") as e:
-        c(torch.zeros(2))
-    assert isinstance(e.value.__cause__, ValueError)
-    assert not compile_in_background([c], lambda: None)  # nothing left to compile: no thread
+    compiling = [i for i, line in enumerate(out) if line.startswith("compiling the prox steps")]
+    per_layer = [i for i, line in enumerate(out) if line.startswith("  transformer.h.")]
+    assert len(compiling) == 1 and compiling[0] < per_layer[0]
+    assert all(c.fn is not None for c in fresh.values()) and calls["compiled"] > 0
+    assert px.compile_plan([torch.zeros(96, 32)]) == "compiled"
+    assert [l.rel_error for l in compiled.layers] == [l.rel_error for l in eager.layers]
 
 
 def test_cli_measures_perplexity_on_the_data_modules_test_split(tmp_path, capsys):

@@ -29,7 +29,6 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .prox import compiling_in_background, finish_compiling
 from .prune import PRUNE_METHODS, prune
 
 __all__ = ["main", "load_model", "split_token_streams", "token_stream", "perplexity"]
@@ -273,13 +272,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "calib_seqs": len(calib), "eval_seqs": len(held_out), "report": report.to_dict()}
         (out / "prune_report.json").write_text(json.dumps(info, indent=1))
         print(f"wrote {out}")
-        if compiling_in_background():
-            # The result is saved; finishing fills inductor's disk cache, so the next run starts compiled.
-            print("finishing the prox steps' background compile for later runs (Ctrl-C skips it)...")
-            try:
-                finish_compiling()
-            except KeyboardInterrupt:
-                pass
     return 0
 
 

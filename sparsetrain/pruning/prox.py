@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from ..ops._compiled import Compiled, compile_in_background
+from ..ops._compiled import Compiled
 from ..ops.nm import group_view, nm_mask, project_nm
 
 __all__ = ["prox_2to4", "regularizer_2to4", "ProxResult", "prox_prune", "lambda_max"]
@@ -258,29 +258,31 @@ def compile_pending(v0: torch.Tensor) -> bool:
 
     Compiling them takes ~5 s when inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by
     default ``/tmp/torchinductor_<user>``) already holds the kernels, and ~30 s to two minutes
-    on a busy 2-core machine when it does not. `prune` starts it with `compile_in_background`.
+    on a busy 2-core machine when it does not.
     """
-    return _uses_compiled(v0) and any(c.pending for c in _ALL)
+    return _uses_compiled(v0) and any(not c.disabled and c.fn is None for c in _ALL)
 
 
 # Up to this many weights in layers whose steps are not compiled yet, `prune` stays eager: the
 # compile costs more than it saves. Measured with one thread on the loaded 2-core machine: eager
 # adds ~0.3 s per layer plus ~11 us per weight to the compiled time (128x128: 0.52 vs 0.12 s;
-# 512x512: 4.4 vs 1.5 s; 1024x1024: 19.7 vs 8.4 s), and compiling costs ~5 s with inductor's
-# disk cache, ~25 s without. A 2x128 GPT-2 (0.4M weights) pruned in 6.8 s eagerly, 8.7 s with a
-# warm cache and 17.7 s compiling in the background with a cold one
-# (`benchmarks/results/prune_first_use.json`).
-EAGER_MAX_WEIGHTS = 1_000_000
+# 512x512: 4.4 vs 1.5 s; 1024x1024: 19.7 vs 8.4 s), and compiling costs ~5 s with inductor's disk
+# cache, 25-45 s without. `benchmarks/results/prune_first_use.json`: a 2x128 GPT-2 (0.39M
+# weights) pruned in 7.2 s eagerly against 29.7 s compiling first with a cold cache; a 1x384 one
+# (1.8M weights) in 38 s eagerly, 49 s compiling first (cold), 26 s with a warm cache. A compile
+# in a background thread did not help there: its Python work holds the GIL against the eager
+# loop's many small ops (51 s).
+EAGER_MAX_WEIGHTS = 2_000_000
 
 
 def compile_plan(weights) -> str:
     """How `prune` runs the prox on layers of these weights: ``"compiled"`` (compiled already, or
-    no layer is large enough to use it), ``"eager"`` (compiling would cost more than it saves: up
-    to `EAGER_MAX_WEIGHTS` weights) or ``"background"`` (`start_compiling`)."""
+    no layer large enough to use it), ``"eager"`` (compiling would cost more than it saves: up to
+    `EAGER_MAX_WEIGHTS` weights in layers that would use it) or ``"compile"`` (compile first)."""
     pending = [w for w in weights if compile_pending(w)]
     if not pending:
         return "compiled"
-    return "eager" if sum(w.numel() for w in pending) <= EAGER_MAX_WEIGHTS else "background"
+    return "eager" if sum(w.numel() for w in pending) <= EAGER_MAX_WEIGHTS else "compile"
 
 
 def warm_up() -> None:
@@ -295,24 +297,6 @@ def warm_up() -> None:
     with torch.no_grad():
         _SWEEPS3(*a[:3], *[t.clone() for t in a[:3]], lam, tol)  # distinct tensors, as in use
         _SWEEPS4(*a, *[t.clone() for t in a], lam, tol)
-
-
-def start_compiling() -> bool:
-    """Compile the prox's steps in a background thread (`warm_up`); until it is done, `prox_prune`
-    runs eagerly (bitwise the same results, several times slower on large layers), then switches,
-    in the middle of a layer if need be. Returns False when there is nothing left to compile."""
-    return compile_in_background(_ALL, warm_up)
-
-
-def compiling_in_background() -> bool:
-    """True while `start_compiling`'s thread runs."""
-    return any(c.compiling_in_background for c in _ALL)
-
-
-def finish_compiling() -> None:
-    """Wait for `start_compiling`'s thread (a process that exits first leaves the disk cache unfilled)."""
-    for c in _ALL:
-        c.wait_for_background()
 
 
 def _call(compiled: Compiled, fn, use: bool, *args):

@@ -34,7 +34,7 @@ from .calibration import (
     set_layer_weight,
 )
 from .methods import local_loss
-from .prox import compile_pending, compile_plan, prox_prune, start_compiling
+from .prox import compile_plan, prox_prune, warm_up
 from .refine import REFINE_SOLVERS, refine_masked
 from .registry import PRUNE_METHODS, PRUNERS
 
@@ -374,15 +374,14 @@ def prune(
                          transposable=transposable, skipped=list(skipped))
     t_start = time.perf_counter()
     bar = _progress_bar(len(chosen), f"pruning ({method})", progress)
-    # The first compilation of a process takes ~5 s (inductor's disk cache) to minutes (none): on
-    # small models the prox runs eagerly, on larger ones it compiles in a thread while the layers
-    # run eagerly (bitwise the same results either way, only the time differs).
+    # The first compilation of a process takes ~5 s (inductor's disk cache) to minutes (none): small
+    # models are pruned eagerly, which is faster then (bitwise the same results, `prox.compile_plan`).
     plan = compile_plan([layer_weight(mod) for mod in chosen.values()]) if base == "prox" else "compiled"
-    if plan == "background":
-        start_compiling()
+    if plan == "compile":
         if progress:
-            bar.write("compiling the prox steps in the background (seconds with inductor's disk cache, up to "
-                      "minutes without); layers run eagerly until it is done")
+            bar.write("compiling the prox steps (once per process: seconds with inductor's disk cache, up to "
+                      "minutes without)...")
+        warm_up()  # here, not inside the first layer's time
 
     def prune_one(name: str, mod: nn.Module, h: torch.Tensor, tokens: int) -> None:
         t0 = time.perf_counter()
@@ -425,8 +424,6 @@ def prune(
         if progress:  # a line per layer: the bar alone says nothing during a long layer
             layer = report.layers[-1]
             extra = "" if prox_iters is None else f", {prox_iters} prox iterations"
-            if prox_iters is not None and plan == "background" and compile_pending(w):
-                extra += " (eager: still compiling)"
             bar.write(f"  {name} [{layer.shape[0]}x{layer.shape[1]}]: rel.err {layer.rel_error:.4f}, "
                       f"{layer.seconds:.1f} s{extra}")
         bar.set_postfix_str(name, refresh=False)

@@ -63,6 +63,29 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
+def _check_attach(layers, opt, config: SparsityConfig, sharded: bool) -> None:
+    """What `Sparsifier.attach` refuses: an optimizer without the sparse weights, ``flip_moments``
+    without Adam moments, transposable masks on FSDP2 shards."""
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    missing = [name for name, layer in layers if id(layer.weight) not in held]
+    if missing:
+        raise ValueError(
+            f"The optimizer does not hold the weight of {len(missing)} sparse layer(s) ({', '.join(missing[:4])}"
+            f"{'...' if len(missing) > 4 else ''}). Build the optimizer after `Sparsifier(model, ...)`: the swap "
+            f"replaces transformers Conv1D weights by transposed Parameters."
+        )
+    if config.flip_moments is not None and "betas" not in opt.defaults:
+        raise ValueError(
+            f"`flip_moments`={config.flip_moments!r} resets Adam moments, but the optimizer is "
+            f"{type(opt).__name__} (no `betas`). Use Adam/AdamW, or flip_moments=None."
+        )
+    if config.transposable and sharded:
+        raise ValueError(
+            "`transposable=True` is not supported with FSDP2-sharded weights yet (a transposable tile spans "
+            "rows that may sit on different ranks). Use DDP, or a non-transposable method."
+        )
+
+
 class Sparsifier:
     """Makes a model's target layers N:M sparse and runs the per-step rules in any training loop.
 
@@ -191,31 +214,14 @@ class Sparsifier:
                 f"call `sparsity.detach()` first (its rules run on one optimizer, the one holding the sparse weights)."
             )
         self.detach()
-        held = {id(p) for group in opt.param_groups for p in group["params"]}
-        missing = [name for name, layer in self._layers if id(layer.weight) not in held]
-        if missing:
-            raise ValueError(
-                f"The optimizer does not hold the weight of {len(missing)} sparse layer(s) ({', '.join(missing[:4])}"
-                f"{'...' if len(missing) > 4 else ''}). Build the optimizer after `Sparsifier(model, ...)`: the swap "
-                f"replaces transformers Conv1D weights by transposed Parameters."
-            )
+        _check_attach(self._layers, opt, self.config, self.sharded)
         if max_steps is not None:
             self.max_steps = _positive_int("max_steps", max_steps)
         if step is not None:
             self.step = _positive_int("step", step, minimum=0)
         self.schedule = Schedule(self.config, self.max_steps)
         self.schedule.validate()  # a fractional schedule without max_steps fails here, not mid-run
-        if self.config.flip_moments is not None and "betas" not in opt.defaults:
-            raise ValueError(
-                f"`flip_moments`={self.config.flip_moments!r} resets Adam moments, but the optimizer is "
-                f"{type(opt).__name__} (no `betas`). Use Adam/AdamW, or flip_moments=None."
-            )
         self._rank = dist_rank()
-        if self.config.transposable and self.sharded:
-            raise ValueError(
-                "`transposable=True` is not supported with FSDP2-sharded weights yet (a transposable tile spans "
-                "rows that may sit on different ranks). Use DDP, or a non-transposable method."
-            )
         if not self._started:
             self._start()
         self._hooks.attach(opt)

@@ -153,6 +153,12 @@ class SparsityConfig:
         f"their value over {_LENGTH} from the start of sparse training (factor "
         "``(step - s0) / K``, at most 1).",
         engine="`decay_ramp` is a schedule of the engine; without one it does nothing")
+    lr_rewarm: Optional[Union[int, float]] = _field(
+        None, "schedule", f"re-warm the learning rate at the switch to sparse training (after ``dense_warmup`` or "
+        f"``prune_at``): over {_LENGTH} the optimizer's lr is multiplied by ``min(1, (step - s0 + 1) / K)``, "
+        "``s0`` the first sparse step (the loop's scheduler still sets the lr; the factor is applied around each "
+        "optimizer step and removed after it).",
+        engine="`lr_rewarm` scales the optimizer's lr through the engine; without one it does nothing")
     flip_moments: Optional[str] = _field(
         None, "math", "what happens to the Adam state of weights whose mask entry flipped in a step: ``None`` "
         '(kept), ``"reset"`` (``exp_avg`` and ``exp_avg_sq`` set to 0) or ``"reset_exp_avg"`` (only ``exp_avg`` '
@@ -205,8 +211,9 @@ class SparsityConfig:
             isinstance(self.masked_decay, (int, float)) and math.isfinite(self.masked_decay) and self.masked_decay >= 0
         ):
             raise ValueError(f"`masked_decay` must be None or a finite number >= 0, got {self.masked_decay!r}")
-        for name in ("dense_finetune_from", "dense_warmup", "threshold_ramp", "decay_ramp", "prune_at"):
-            _check_step_or_fraction(name, getattr(self, name), minimum=1 if name in ("threshold_ramp", "decay_ramp") else 0)
+        for name in ("dense_finetune_from", "dense_warmup", "threshold_ramp", "decay_ramp", "prune_at", "lr_rewarm"):
+            lengths = ("threshold_ramp", "decay_ramp", "lr_rewarm")
+            _check_step_or_fraction(name, getattr(self, name), minimum=1 if name in lengths else 0)
         if isinstance(self.mask_update_interval, bool) or not isinstance(self.mask_update_interval, int) \
                 or self.mask_update_interval < 1:
             raise ValueError(f"`mask_update_interval` must be an int >= 1, got {self.mask_update_interval!r}")
@@ -251,8 +258,8 @@ class SparsityConfig:
             raise ValueError(f"`prune_calibration_steps` must be an int >= 1, got {c!r}")
         if self.prune_method != "magnitude" and self.prune_at is None:
             raise ValueError(f"`prune_method`={self.prune_method!r} would do nothing without `prune_at` (the step to prune at)")
-        for name in ("dense_warmup", "threshold_ramp", "decay_ramp", "flip_moments", "prune_at"):
-            if name == "dense_warmup" and self.activation_sparsity is not None:
+        for name in ("dense_warmup", "threshold_ramp", "decay_ramp", "flip_moments", "prune_at", "lr_rewarm"):
+            if name in ("dense_warmup", "lr_rewarm") and self.activation_sparsity is not None:
                 continue  # a dense warm-up of sparse activations (with dense weights) is a schedule too
             if getattr(self, name) is not None and not meth.sparse:
                 raise ValueError(
@@ -267,6 +274,11 @@ class SparsityConfig:
             raise ValueError(
                 f"`decay_ramp`={self.decay_ramp!r} would do nothing: no decay is active. Use a method with a "
                 f"per-step decay ({_fmt_choices(_decaying_methods())}) or set `masked_decay`."
+            )
+        if self.lr_rewarm is not None and self.dense_warmup is None and self.prune_at is None:
+            raise ValueError(
+                f"`lr_rewarm`={self.lr_rewarm!r} re-warms the learning rate at the switch from dense to sparse "
+                f"training, and there is none: set `dense_warmup` or `prune_at` (or lr_rewarm=None)."
             )
         if self.prune_at is not None and self.dense_warmup is not None:
             raise ValueError(

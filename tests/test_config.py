@@ -29,6 +29,7 @@ CHANGES = {
     "dense_warmup": ({}, 5),
     "threshold_ramp": ({}, 5),
     "decay_ramp": ({"method": "sr-ste"}, 5),
+    "lr_rewarm": ({"dense_warmup": 5}, 3),
     "flip_moments": ({}, "reset"),
     "prune_at": ({}, 5),
     "prune_method": ({"prune_at": 5}, "wanda"),

@@ -140,6 +140,43 @@ def test_dense_finetune_starts_from_the_sparse_model(method):
     assert int((layer.weight != 0).reshape(8, 4, 4).sum(-1).max()) > 2
 
 
+# ------------------------------------------------------------------------------ lr re-warm
+def test_lr_rewarm_against_a_loop_with_a_scheduler():
+    """After a 3-step dense warm-up the lr is re-warmed over 4 steps, on top of the loop's own
+    scheduler: step k updates with ``LR * 0.9**k * min(1, (k - 3 + 1) / 4)`` from k = 3 on."""
+    warm, rewarm, steps = 3, 4, 9
+    model = _model()
+    sparsity = st.Sparsifier(model, st.SparsityConfig(method="s-ste", targets="all", dense_warmup=warm,
+                                                      lr_rewarm=rewarm))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.9 ** k)
+    sparsity.attach(opt)
+    x, y = _data()
+    seen_lr = []
+    for _ in range(steps):
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        seen_lr.append(opt.param_groups[0]["lr"])  # restored after the step: the scheduler's value
+        sched.step()
+        opt.zero_grad()
+
+    lin = _model()[0]
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    beta = None
+    for k in range(steps):
+        lr = LR * 0.9 ** k
+        if k >= warm:
+            beta = _beta(w) if k == warm else beta
+            lr *= min(1.0, (k - warm + 1) / rewarm)
+        w_eff = w if k < warm else beta * _soft(w, 1.0)
+        gw, gb = _loss_grads(x, y, w_eff, b)
+        w, b = w - lr * gw, b - lr * gb
+    assert torch.allclose(model[0].weight, w, atol=1e-6)
+    assert torch.allclose(model[0].bias, b, atol=1e-6)
+    assert seen_lr == pytest.approx([LR * 0.9 ** k for k in range(steps)])
+    assert [sparsity.schedule.lr_factor_at(k) for k in range(2, 9)] == pytest.approx([1, .25, .5, .75, 1, 1, 1])
+
+
 # ------------------------------------------------------------------------------ threshold ramp
 def test_threshold_ramp_values_and_weights_against_a_loop():
     ramp, steps = 4, 7
@@ -358,6 +395,9 @@ def test_resume_with_a_different_schedule_is_refused():
     (dict(prune_at=10, dense_warmup=5), r"`prune_at` and `dense_warmup` both train dense first"),
     (dict(dense_warmup=10, dense_finetune_from=5), r"`dense_warmup`=10 must come before `dense_finetune_from`=5"),
     (dict(prune_at=10, prune_calibration_steps=0), r"`prune_calibration_steps` must be an int >= 1, got 0"),
+    (dict(lr_rewarm=5), r"`lr_rewarm`=5 re-warms the learning rate at the switch.*set `dense_warmup` or `prune_at`"),
+    (dict(dense_warmup=5, lr_rewarm=0), r"`lr_rewarm` as a step must be >= 1, got 0"),
+    (dict(method="dense", dense_warmup=5, lr_rewarm=3), r"`dense_warmup`=5 needs a sparse `method`"),
 ])
 def test_bad_schedule_settings_are_one_line_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -383,7 +423,7 @@ def test_schedules_agree_in_plain_lightning_and_trainer_loops(tmp_path):
 
     for i, cfg in enumerate([
         st.SparsityConfig(method="s-ste", dense_warmup=1, threshold_ramp=2, flip_moments="reset", seed=0),
-        st.SparsityConfig(method="ste", prune_at=3, prune_method="wanda", prune_calibration_steps=2, seed=0),
+        st.SparsityConfig(method="ste", prune_at=3, prune_method="wanda", prune_calibration_steps=2, lr_rewarm=2, seed=0),
     ]):
         ref = plain_loop(cfg)
         _check_same(ref, lightning_loop(cfg, tmp_path / f"pl{i}"), ATOL)

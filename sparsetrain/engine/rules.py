@@ -23,7 +23,7 @@ from ..methods import decay_term
 from ..nn.linear import SparseLinear, local_tensor
 from ._dist import ShardSum, nonfinite_flags
 
-__all__ = ["GradientRules", "decay_rate", "has_decay", "initial_betas", "keep_sparse_weights", "method_metrics"]
+__all__ = ["GradientRules", "decay_rate", "has_decay", "initial_betas", "keep_sparse_weights", "method_metrics", "restore_lr", "scale_lr"]
 
 Layers = Sequence[Tuple[str, SparseLinear]]
 
@@ -63,6 +63,22 @@ def keep_sparse_weights(layers: Layers) -> None:
     for _, layer in layers:
         w_eff, _ = layer.projection()
         local_tensor(layer.weight.data).copy_(w_eff)
+
+
+def scale_lr(optimizer: Optional[torch.optim.Optimizer], factor: float) -> Optional[List]:
+    """Multiply every param group's lr by ``factor`` for one step; returns what `restore_lr` puts back."""
+    if optimizer is None or factor == 1.0:
+        return None
+    saved = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+    return saved
+
+
+def restore_lr(optimizer: Optional[torch.optim.Optimizer], saved: Optional[List]) -> None:
+    if optimizer is not None and saved is not None:
+        for group, lr in zip(optimizer.param_groups, saved):
+            group["lr"] = lr
 
 
 class GradientRules:

@@ -15,7 +15,7 @@ from ..config import SparsityConfig
 __all__ = ["Schedule", "SCHEDULE_FIELDS"]
 
 # The fields given as a step (int) or a fraction of the run (float).
-SCHEDULE_FIELDS = ("dense_finetune_from", "dense_warmup", "threshold_ramp", "decay_ramp", "prune_at")
+SCHEDULE_FIELDS = ("dense_finetune_from", "dense_warmup", "threshold_ramp", "decay_ramp", "prune_at", "lr_rewarm")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,14 @@ class Schedule:
     def decay_scale_at(self, step: int) -> float:
         """The factor on SR-STE's decay and ``masked_decay`` at step ``step`` (1 without ``decay_ramp``)."""
         return self._progress("decay_ramp", step)
+
+    def lr_factor_at(self, step: int) -> float:
+        """The factor on the learning rate of step ``step``: ``min(1, (step - s0 + 1) / K)`` during
+        ``lr_rewarm`` (``K`` steps from the first sparse step ``s0``; the first is not a zero-lr step), 1 otherwise."""
+        k, s0 = self.steps("lr_rewarm"), self.sparse_from_step()
+        if k is None or step < s0 or self.phase_at(step) != "sparse":
+            return 1.0
+        return min(1.0, (step - s0 + 1) / max(k, 1))
 
     def calibration_window(self) -> tuple:
         """``[start, end)``: the steps whose training inputs Wanda's ``prune_at`` statistics sum."""

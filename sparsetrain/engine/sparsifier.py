@@ -48,7 +48,7 @@ from ._dist import ShardSum, dist_rank, refuse_wrapped, unwrap_optimizer
 from .hooks import OptimizerHooks, warn_until_attached
 from .metrics import StepMetrics
 from .prune_at import PruneAt
-from .rules import GradientRules, has_decay, initial_betas, keep_sparse_weights, method_metrics
+from .rules import GradientRules, has_decay, initial_betas, keep_sparse_weights, method_metrics, restore_lr, scale_lr
 from .schedule import Schedule
 from .state import STATE_FORMAT, check_adopted, check_resume, fingerprint
 
@@ -145,10 +145,9 @@ class Sparsifier:
         self._hooks = OptimizerHooks(self.before_step, self.after_step)
         needs = [text for _, text in engine_requirements(config)]
         self._unattached = warn_until_attached(self._layers[0][1], needs, lambda: self._hooks.optimizer is not None)
-        self._started = False
-        self._restored = False
-        self._skip_step = False
+        self._started = self._restored = self._skip_step = False
         self._rank = 0
+        self._saved_lr = None  # the lr `lr_rewarm` scaled for the current step
 
     # ------------------------------------------------------------------------------ views
     @property
@@ -274,6 +273,7 @@ class Sparsifier:
         self._skip_step = self._rules.skip_nonfinite(self._layers, self.step + 1, self._hooks.optimizer)
         if self._skip_step or self.phase != "sparse":
             return
+        self._saved_lr = scale_lr(self._hooks.optimizer, self.schedule.lr_factor_at(self.step))
         self._rules.apply_decays(self._layers, self.schedule.decay_scale_at(self.step), self._step_mask)
 
     def _step_mask(self, name: str, layer: SparseLinear) -> torch.Tensor:
@@ -289,6 +289,8 @@ class Sparsifier:
     @torch.no_grad()
     def after_step(self) -> None:
         """The rules after the parameter update: step, schedule, masks, seeds, metrics."""
+        restore_lr(self._hooks.optimizer, self._saved_lr)
+        self._saved_lr = None
         if self._skip_step:
             self._skip_step = False
             return

@@ -595,6 +595,20 @@ def test_sparsegpt_spends_no_slot_on_dead_inputs(scale):
     assert err <= ref_err * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("scale", [0.05, 1.0, 20.0])
+def test_prox_spends_no_slot_on_dead_inputs(scale):
+    """The prox path of `prune` too: inputs that are zero on every calibration token get no weight
+    (before, 52 and 7 weights of this layer stayed on dead inputs at scales 0.05 and 1)."""
+    x, w, h, dead = _dead_input_layer(seed=3, scale=scale)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 12))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    prune(model, [x], method="prox", refine_steps=50, targets="all", progress=False)
+    w_hat = model[0].weight.detach()
+    assert (w_hat[:, dead] == 0).all()
+    assert ((w_hat != 0).reshape(12, 8, 4).sum(-1) <= 2).all()
+
+
 def test_sparsegpt_score_is_zero_on_dead_inputs():
     from sparsetrain.pruning.methods import sparsegpt_score
 

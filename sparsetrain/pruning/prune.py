@@ -33,7 +33,7 @@ from .calibration import (
     select_targets,
     set_layer_weight,
 )
-from .methods import local_loss
+from .methods import dead_inputs, local_loss
 from .prox import compile_plan, prox_prune, warm_up
 from .refine import REFINE_SOLVERS, refine_masked
 from .registry import PRUNE_METHODS, PRUNERS
@@ -389,7 +389,9 @@ def prune(
         diag = h.diagonal()
         # Wanda-style normalisation; an input that is always zero keeps scale 1 (its H row is 0).
         d = torch.where(diag > 0, diag.clamp_min(0).sqrt(), torch.ones_like(diag))
-        v0 = w * d  # (out, in)
+        # Weights on inputs that are always zero (dead ReLU neurons) never act on data: zeroed, they
+        # leave the local loss unchanged and take no N:M slot from a live input (as SparseGPT does).
+        v0 = (w * d).masked_fill(dead_inputs(h).unsqueeze(0), 0.0)  # (out, in)
         hn = h / d.unsqueeze(1) / d.unsqueeze(0)  # (in, in), unit diagonal where inputs are alive
         tmask = None
         if transposable and pruner.score is not None:

@@ -268,10 +268,10 @@ def compile_pending(v0: torch.Tensor) -> bool:
 # adds ~0.3 s per layer plus ~11 us per weight to the compiled time (128x128: 0.52 vs 0.12 s;
 # 512x512: 4.4 vs 1.5 s; 1024x1024: 19.7 vs 8.4 s), and compiling costs ~5 s with inductor's disk
 # cache, 25-45 s without. `benchmarks/results/prune_first_use.json`: a 2x128 GPT-2 (0.39M
-# weights) pruned in 7.2 s eagerly against 29.7 s compiling first with a cold cache; a 1x384 one
-# (1.8M weights) in 38 s eagerly, 49 s compiling first (cold), 26 s with a warm cache. A compile
+# weights) pruned in 7.2 s eagerly against 31.2 s compiling first with a cold cache; a 1x384 one
+# (1.8M weights) in 38 s eagerly, 50 s compiling first (cold), 26 s with a warm cache. A compile
 # in a background thread did not help there: its Python work holds the GIL against the eager
-# loop's many small ops (51 s).
+# loop's many small ops (51 s, in an earlier run of the same benchmark).
 EAGER_MAX_WEIGHTS = 2_000_000
 
 

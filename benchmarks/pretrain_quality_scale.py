@@ -559,6 +559,12 @@ def plot(summary: dict, path: Path) -> None:
     ax2.set_xlabel("FFN weights (full width)")
     ax2.set_ylabel("fraction of STE's gap closed (per-seed mean, 95% t-interval)")
     ax2.set_title("each row at its own lr, vs its family's dense and STE at theirs", fontsize=9)
+    # Half-wide dense sits far below 0 where STE's gap is small (a small denominator): the range
+    # shows the candidates, and the clipped points are named on the panel's floor.
+    lo, hi = ax2.get_ylim()
+    if lo < -1.5:
+        ax2.set_ylim(-1.5, max(hi, 1.5))
+        ax2.text(0.02, 0.02, "y clipped at -1.5 (see --table)", transform=ax2.transAxes, fontsize=7, color="grey")
     for ax in (ax1, ax2):
         ax.set_xticks([ffn_params(k) for k in SIZES], [f"{k}\n{ffn_params(k):,}" for k in SIZES], fontsize=7)
         ax.minorticks_off()

@@ -53,6 +53,9 @@ TargetFilter = Callable[["object", str], bool]
 
 _STEPS = "an optimizer step (an int) or a fraction of max_steps (a float in (0, 1))"
 _LENGTH = "K optimizer steps (an int K, or a float in (0, 1): that fraction of max_steps)"
+# The fields given as a step or a length (an int) or a fraction of the run (a float); the lengths are >= 1.
+SCHEDULE_FIELDS = ("dense_finetune_from", "dense_warmup", "threshold_ramp", "decay_ramp", "prune_at", "lr_rewarm")
+_LENGTH_FIELDS = ("threshold_ramp", "decay_ramp", "lr_rewarm")
 
 
 def _field(default: Any, kind: str, help: str, choices: Any = None, engine: Optional[str] = None):
@@ -211,9 +214,8 @@ class SparsityConfig:
             isinstance(self.masked_decay, (int, float)) and math.isfinite(self.masked_decay) and self.masked_decay >= 0
         ):
             raise ValueError(f"`masked_decay` must be None or a finite number >= 0, got {self.masked_decay!r}")
-        for name in ("dense_finetune_from", "dense_warmup", "threshold_ramp", "decay_ramp", "prune_at", "lr_rewarm"):
-            lengths = ("threshold_ramp", "decay_ramp", "lr_rewarm")
-            _check_step_or_fraction(name, getattr(self, name), minimum=1 if name in lengths else 0)
+        for name in SCHEDULE_FIELDS:
+            _check_step_or_fraction(name, getattr(self, name), minimum=1 if name in _LENGTH_FIELDS else 0)
         if isinstance(self.mask_update_interval, bool) or not isinstance(self.mask_update_interval, int) \
                 or self.mask_update_interval < 1:
             raise ValueError(f"`mask_update_interval` must be an int >= 1, got {self.mask_update_interval!r}")

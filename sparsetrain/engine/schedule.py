@@ -10,12 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import SparsityConfig
+from ..config import SCHEDULE_FIELDS, SparsityConfig
 
 __all__ = ["Schedule", "SCHEDULE_FIELDS"]
-
-# The fields given as a step (int) or a fraction of the run (float).
-SCHEDULE_FIELDS = ("dense_finetune_from", "dense_warmup", "threshold_ramp", "decay_ramp", "prune_at", "lr_rewarm")
 
 
 @dataclass(frozen=True)

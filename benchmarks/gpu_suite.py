@@ -429,6 +429,35 @@ def probe_kernels(device: str) -> list:
     return rows
 
 
+def probe_cslt_pack(device: str, dtype) -> list:
+    """The fused 2:4 compression of activations (`ops.cslt_layout`; Triton on CUDA) against
+    ``torch._cslt_compress``: byte-equal buffers on a random operand (unique encoding), and the
+    product with our buffer on a squared-ReLU operand (many zeros) against float64. Also whether the
+    backend's own once-per-process check now trusts the fused path."""
+    from sparsetrain.backends import cusparselt_activation
+    from sparsetrain.ops import cslt_layout
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(512, 768, generator=g).to(device, dtype)
+    xt, _, buf = cslt_layout.sparsify_pack24(x)
+    ref = torch._cslt_compress(xt)
+    same_size = isinstance(ref, torch.Tensor) and ref.shape == buf.shape
+    diff = (ref.view(torch.int16) != buf.view(torch.int16)).nonzero().flatten() if same_size else None
+    row = {"probe": "cslt_pack24", "dtype": str(dtype).replace("torch.", ""), "same_size": same_size,
+           "buffer_numel": buf.numel(), "cslt_numel": ref.numel() if isinstance(ref, torch.Tensor) else None,
+           "mismatched_elements": None if diff is None else diff.numel(),
+           "first_mismatch": None if diff is None or diff.numel() == 0 else int(diff[0]),
+           "values_end": 512 * 384}
+    cusparselt_activation._LAYOUT_MATCHES.pop((str(torch.device(device)), dtype), None)
+    row["backend_uses_fused"] = cusparselt_activation.packed_layout_matches(device, dtype)
+    xr = (torch.relu(torch.randn(256, 512, generator=g) - 0.5) ** 2).to(device, dtype)
+    b = torch.randn(512, 136, generator=g).to(device, dtype)
+    xt2, _, buf2 = cslt_layout.sparsify_pack24(xr)
+    row.update(_compare(torch._cslt_sparse_mm(buf2, b), _f64(xt2) @ _f64(b), dtype, 512))
+    row["ok"] = bool(row["ok"] and same_size and row["mismatched_elements"] == 0 and row["backend_uses_fused"])
+    return [row]
+
+
 def probe_semi_structured(device: str, dtype) -> list:
     """`to_semi_structured` (torch.sparse semi-structured weight) on a 2:4 Linear, against float64."""
     from torch import nn
@@ -457,15 +486,21 @@ def _cpu_emulation():
 
         from sparsetrain.backends import cusparselt
 
+        from sparsetrain.backends import cusparselt_activation
+
         patcher = Patcher()
         saved_algs = dict(cusparselt._ALG_CACHE)
+        saved_layout = dict(cusparselt_activation._LAYOUT_MATCHES)
         try:
-            emulate_sm90_on_cpu(patcher, cusparselt)
+            # packed: 16-bit operands of multiples of 128 compress to flat buffers, as on a GPU
+            emulate_sm90_on_cpu(patcher, cusparselt).packed = True
             yield
         finally:
             patcher.undo()
             cusparselt._ALG_CACHE.clear()
             cusparselt._ALG_CACHE.update(saved_algs)
+            cusparselt_activation._LAYOUT_MATCHES.clear()
+            cusparselt_activation._LAYOUT_MATCHES.update(saved_layout)
     finally:
         sys.path.remove(str(ROOT / "tests"))
 
@@ -478,6 +513,7 @@ def run_probes(env: Env, rows: list, budget: Budget, estimate_s: float) -> None:
         *[(f"fp8 sparse {d}", lambda d=d: probe_fp8_sparse(env.device, d)) for d in (torch.bfloat16, torch.float16)],
         ("fp8 dense", lambda: probe_fp8_dense(env.device, torch.bfloat16)),
         *[(f"semi-structured {d}", lambda d=d: probe_semi_structured(env.device, d)) for d in (torch.bfloat16, torch.float16)],
+        *[(f"cslt pack24 {d}", lambda d=d: probe_cslt_pack(env.device, d)) for d in (torch.bfloat16, torch.float16)],
     ]
     emulated = not env.is_cuda
     with _cpu_emulation() if emulated else contextlib.nullcontext():
@@ -554,6 +590,17 @@ def _backend_info(layers) -> dict:
             if reason:
                 info["fallback_reason"] = reason
     return info
+
+
+def _activation_compression(env: Env, width: int) -> str:
+    """How a cuSPARSELt layer with 2:4 inputs of ``width`` features compresses them here:
+    ``"fused"`` (one Triton pass into cuSPARSELt's layout) or ``"two-pass"``."""
+    from sparsetrain.backends import cusparselt_activation
+    from sparsetrain.ops import cslt_layout
+
+    key = (str(torch.device(env.device)), env.dtype)
+    fused = width % cslt_layout.PACK_MULTIPLE == 0 and cusparselt_activation._LAYOUT_MATCHES.get(key, False)
+    return "fused" if fused else "two-pass"
 
 
 def ffn_target(row: dict) -> float | None:
@@ -683,7 +730,7 @@ def kernel_cases(w: torch.Tensor, gen: torch.Generator) -> dict:
     es, n = w.element_size(), w.numel()
     beta = torch.tensor(1.1, device=w.device)
     score = w.abs()
-    return {
+    cases = {
         # read w; write w_eff and a 1-byte mask
         "project_ste": (lambda: kernels.project_weight(w, 2, 4, "hard"), n * es, n * (es + 1)),
         "project_sste": (lambda: kernels.project_weight(w, 2, 4, "soft", beta), n * es, n * (es + 1)),
@@ -693,6 +740,14 @@ def kernel_cases(w: torch.Tensor, gen: torch.Generator) -> dict:
         # read |w|; write a 1-byte mask
         "transposable24": (lambda: kernels.transposable24(score), n * es, n),
     }
+    if w.shape[0] % 128 == 0 and w.shape[1] % 128 == 0 and w.dtype in (torch.float16, torch.bfloat16):
+        # 2:4 activations for cuSPARSELt: read x; write X~, a 1-byte mask and the 9/16-size buffer
+        cases["sparsify_pack24"] = (lambda: kernels.sparsify_pack24(w), n * es, n * (2 * es + 1) + n * es * 9 // 16)
+        if w.is_cuda:  # the two-pass path it replaces, side by side: mask kernel, then _cslt_compress
+            cases["sparsify_then_cslt_compress"] = (
+                lambda: torch._cslt_compress(kernels.sparsify_activation(w)[0]),
+                2 * n * es, n * (es + 1) + n * es * 9 // 16)
+    return cases
 
 
 def bench_kernels(env: Env, sizes, rows: list | None = None, budget: Budget | None = None, row_s: float = 0.0) -> list:
@@ -860,6 +915,8 @@ def bench_activations(env: Env, case: tuple, model: dict, batch, steps: int, row
             block, layers = build_relu2_ffn(variant, d, ff, env)
             row["ms"], row["peak_mem_bytes"] = _time_block(env, block, x, gy)
             row["backends"] = [layer.backend_name for layer in layers]
+            if "activation_sparsity" in ACT_VARIANTS.get(variant, {}) and "cusparselt" in row["backends"]:
+                row["activation_compression"] = _activation_compression(env, ff)
         except Exception as err:  # noqa: BLE001 - recorded in the row; the suite goes on
             row["error"] = _error(err)
         if variant == "dense":

@@ -61,6 +61,10 @@ class FakeCusparseLt:
     compressed: list = field(default_factory=list)  # shapes of the compressed operands, in order
     products: list = field(default_factory=list)  # dicts describing each product
     searches: list = field(default_factory=list)  # dicts describing each algorithm search
+    # packed=True: fp16/bf16 operands whose dims are multiples of 128 compress to the flat buffer of
+    # `ops.cslt_layout` (checked against PyTorch's packer in test_cslt_layout), as the real op
+    # returns a flat buffer; products then decode such buffers. Anything else stays `Compressed`.
+    packed: bool = False
 
     def install(self, monkeypatch) -> "FakeCusparseLt":
         monkeypatch.setattr(torch, "_cslt_compress", self.compress)
@@ -80,9 +84,24 @@ class FakeCusparseLt:
         _check(bool((nnz <= 2).all()), f"compress: {tuple(a.shape)} is not 2:4 along its rows "
                f"(a group has {int(nnz.max())} non-zeros; cuSPARSELt would silently drop them)")
         self.compressed.append(tuple(a.shape))
+        if self.packed and a.dtype in (torch.float16, torch.bfloat16) and a.shape[0] % 128 == 0 and a.shape[1] % 128 == 0:
+            from sparsetrain.ops import cslt_layout, nm_mask
+
+            return cslt_layout.pack24(a, nm_mask(a, 2, 4))  # nm_mask(X~) is the mask that made X~
         return Compressed(a.clone())
 
+    @staticmethod
+    def _decode(ac, k: int):
+        """A flat 16-bit buffer of an (m, k) operand holds m*k*9/16 elements: decode it."""
+        from sparsetrain.ops import cslt_layout
+
+        _check(ac.dim() == 1 and ac.dtype in (torch.float16, torch.bfloat16) and (ac.numel() * 16) % (9 * k) == 0,
+               f"a flat compressed_A of {ac.numel()} {ac.dtype} elements cannot be a 2:4 operand with k={k}")
+        return Compressed(cslt_layout.unpack24(ac, ac.numel() * 16 // (9 * k), k))
+
     def _product(self, ac, b, bias, alpha, out_dtype, transpose_result, alg_id):
+        if self.packed and isinstance(ac, torch.Tensor) and b.dim() == 2:
+            ac = self._decode(ac, b.shape[0])
         _check(isinstance(ac, Compressed), f"compressed_A must come from _cslt_compress, got {type(ac).__name__}")
         a = ac.dense
         _check(b.dim() == 2, f"dense_B must be 2-D, got {b.dim()}-D")

@@ -19,9 +19,11 @@ def cslt():
     patcher = Patcher()
     fake = emulate_sm90_on_cpu(patcher, cusparselt)
     cusparselt._ALG_CACHE.clear()
+    cusparselt_activation._LAYOUT_MATCHES.clear()
     yield fake
     patcher.undo()
     cusparselt._ALG_CACHE.clear()
+    cusparselt_activation._LAYOUT_MATCHES.clear()
 
 
 def _inputs(t, d_in, d_out, dtype, weight_mask=None, seed=0):
@@ -114,6 +116,44 @@ def test_fake_refuses_an_unmasked_activation(cslt):
     x = torch.ones(16, 64, dtype=torch.bfloat16)
     with pytest.raises(CusparseLtContractError, match="not 2:4"):
         torch._cslt_compress(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t", [37, 256])
+def test_fused_compression_feeds_the_product(cslt, dtype, t):
+    """``in`` a multiple of 128 and a cuSPARSELt whose buffers are `ops.cslt_layout`'s: the forward
+    hands the fused pass's buffer (tokens padded to 128) to the product, with no compression call
+    besides the one-time layout check, and all three products still match the loop reference."""
+    cslt.packed = True
+    d_in, d_out = 128, 48
+    x, w, b = _inputs(t, d_in, d_out, dtype)
+    y = cusparselt_activation.activation_linear(x, w, b)
+    gy = torch.randn(t, d_out, generator=torch.Generator().manual_seed(9)).to(dtype)
+    dx, dw, db = torch.autograd.grad(y, [x, w, b], gy)
+    mask = torch.tensor(loop_mask(x.detach().double().tolist(), 2, 4))
+    xt, w64, g64 = x.detach().double() * mask, w.detach().double(), gy.double()
+    _close(y, xt @ w64.t() + b.detach().double(), dtype, d_in)
+    _close(dx, mask * (g64 @ w64), dtype, d_out)
+    _close(dw, g64.t() @ xt, dtype, t)
+    assert cslt.compressed == [(256, 256)]  # the layout check only
+    assert cusparselt_activation._LAYOUT_MATCHES == {("cpu", dtype): True}
+    fwd = cslt.products[0]
+    assert (fwd["m"], fwd["k"], fwd["n"]) == (-(-t // 128) * 128, d_in, d_out)
+
+
+def test_layout_mismatch_falls_back_to_two_passes(cslt, caplog):
+    """A cuSPARSELt whose buffer is not ours (the fake's opaque one): one warning, then the masked
+    X~ is compressed by ``_cslt_compress`` as before, and the result is unchanged."""
+    dtype = torch.bfloat16
+    x, w, b = _inputs(40, 128, 32, dtype)
+    with caplog.at_level("WARNING"):
+        y = cusparselt_activation.activation_linear(x, w, b)
+        y2 = cusparselt_activation.activation_linear(x, w, b)
+    assert sum("does not match this cuSPARSELt's layout" in r.message for r in caplog.records) == 1
+    assert cslt.compressed == [(256, 256), (48, 128), (48, 128)]  # the check, then one per call
+    mask = torch.tensor(loop_mask(x.detach().double().tolist(), 2, 4))
+    _close(y, (x.detach().double() * mask) @ w.detach().double().t() + b.detach().double(), dtype, 128)
+    assert torch.equal(y, y2)
 
 
 @pytest.mark.gpu

@@ -78,7 +78,7 @@ def test_smoke_cpu_runs_every_section(tmp_path):
     probes = {(r["probe"], r.get("dtype")) for r in result["probes"]}
     for dt in ("bfloat16", "float16"):
         for name in ("cusparselt_forward", "cusparselt_dX_transposable", "cusparselt_dW_mvue", "fp8_sparse_forward",
-                     "semi_structured_export"):
+                     "semi_structured_export", "cslt_pack24"):
             assert (name, dt) in probes
     assert {"triton_project_ste", "triton_project_s-ste", "triton_mvue_exact", "triton_mvue_approx",
             "triton_transposable24", "fp8_dense_e4m3_x_e4m3", "fp8_dense_e5m2_x_e4m3"} <= {p for p, _ in probes}

@@ -19,20 +19,67 @@ and ``W~`` the ``(out, in)`` effective weight (dense, or 2:4 itself):
   the structured operand, as in the weight path).
 
 `docs/sparse-activations.md` explains this choice against Haziza et al. 2025 (arXiv 2503.16672).
-The masking runs in the Triton kernel `kernels.activation` on CUDA (``X~`` and the mask in one
-pass) and ``torch._cslt_compress`` compresses ``X~`` afterwards.
+
+Making ``X~c``: when ``in`` is a multiple of 128, one Triton pass (`ops.cslt_layout.sparsify_pack24`)
+writes the mask, ``X~`` and cuSPARSELt's compressed operand together, in the layout PyTorch's own
+packer writes. NVIDIA does not document that layout, so it is trusted only after
+`packed_layout_matches` has compared it byte for byte with ``torch._cslt_compress`` on this device
+and dtype (once per process); otherwise, and for other widths, the masking kernel runs and
+``torch._cslt_compress`` compresses ``X~`` afterwards (two passes).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 
+from ..ops import cslt_layout
 from ..ops.activation import sparsify_activation
 from . import cusparselt as _cs
 
-__all__ = ["activation_linear", "CuSparseLtActivationLinearFunction", "can_use"]
+__all__ = ["activation_linear", "CuSparseLtActivationLinearFunction", "can_use", "packed_layout_matches"]
+
+log = logging.getLogger(__name__)
+
+_LAYOUT_MATCHES: dict = {}  # (device, dtype) -> whether our packed buffer equals _cslt_compress's
+
+
+def packed_layout_matches(device, dtype) -> bool:
+    """Whether `ops.cslt_layout`'s buffer is byte-equal to ``torch._cslt_compress``'s here.
+
+    Checked once per device and dtype on a random 256x256 operand (no ties, no zeros: the buffer is
+    then unique); a mismatch is logged once as a warning and the two-pass compression is used.
+    """
+    key = (str(torch.device(device)), dtype)
+    if key not in _LAYOUT_MATCHES:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(256, 256, generator=g).to(device=device, dtype=dtype)
+        xt, _, buf = cslt_layout.sparsify_pack24(x)
+        ref = torch._cslt_compress(xt)
+        ok = (isinstance(ref, torch.Tensor) and ref.dtype == buf.dtype and ref.shape == buf.shape
+              and torch.equal(ref.view(torch.int16), buf.view(torch.int16)))
+        if not ok:
+            log.warning(
+                "sparse activations: the fused 2:4 compression does not match this cuSPARSELt's "
+                "layout on %s (%s); compressing in two passes (mask, then torch._cslt_compress)", key[0], dtype
+            )
+        _LAYOUT_MATCHES[key] = ok
+    return _LAYOUT_MATCHES[key]
+
+
+def _mask_and_compress(x2: torch.Tensor):
+    """``(X~, mask, X~c)`` of the ``(T, in)`` tokens; ``X~c`` covers ``T`` padded with zero rows.
+
+    Zero rows are 2:4 whatever the mask keeps in them, and their products are cut off afterwards.
+    """
+    t, k = x2.shape
+    if k % cslt_layout.PACK_MULTIPLE == 0 and packed_layout_matches(x2.device, x2.dtype):
+        xt, mask, xc = cslt_layout.sparsify_pack24(_cs._pad_rows(x2, cslt_layout.PACK_MULTIPLE))
+        return xt[:t], mask[:t], xc
+    xt, mask = sparsify_activation(x2, 2, 4)  # (T, in) each; the Triton kernel on CUDA
+    return xt, mask, torch._cslt_compress(_cs._pad_rows(xt, _cs._SPARSE_MULTIPLE[x2.dtype]))
 
 
 def can_use(weight: torch.Tensor, x: Optional[torch.Tensor] = None, dtype=None, n: int = 2, m: int = 4):
@@ -59,10 +106,8 @@ class CuSparseLtActivationLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (T, in): all leading dims are tokens
         t = x2.shape[0]
         w = w_eff.to(dtype)
-        xt, mask = sparsify_activation(x2, 2, 4)  # (T, in) each; the Triton kernel on CUDA
-        # Zero token rows are 2:4 (all zero) and pad T to cuSPARSELt's multiple for the sparse operand.
-        xtp = _cs._pad_rows(xt, _cs._SPARSE_MULTIPLE[dtype])
-        y = _cs._sparse_mm(torch._cslt_compress(xtp), w.t())[:t]  # (Tp, in) x (in, out) -> (T, out)
+        xt, mask, xc = _mask_and_compress(x2)  # X~c: (Tp, in) compressed, Tp >= T
+        y = _cs._sparse_mm(xc, w.t())[:t]  # (Tp, in) x (in, out) -> (T, out)
         if bias is not None:
             y = y + bias.to(dtype)
         wtc = None

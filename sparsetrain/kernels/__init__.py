@@ -9,7 +9,9 @@ instead of its torch reference; nothing else in the package calls these directly
 - `transposable24`: the exact transposable 2:4 mask (twin of
   ``ops.transposable_mask(score, 2, 4, method="exact24")``, which picks it for float32/16 scores);
 - `sparsify_activation`: an input made N:M per token and its mask in one pass (twin of
-  ``ops.activation.sparsify_activation``).
+  ``ops.activation.sparsify_activation``);
+- `sparsify_pack24`: the same for 2:4, plus cuSPARSELt's compressed operand (twin of
+  ``ops.cslt_layout.sparsify_pack24``).
 
 This package is the bottom of sparsetrain: it imports nothing from the rest of it (its shared
 argument checks live in `_checks`, which `ops` re-exports).
@@ -28,7 +30,7 @@ import torch
 
 from ._launch import triton_importable
 
-__all__ = ["available", "project_weight", "mvue24", "transposable24", "sparsify_activation"]
+__all__ = ["available", "project_weight", "mvue24", "transposable24", "sparsify_activation", "sparsify_pack24"]
 
 _TRITON_OK: Optional[bool] = None
 
@@ -80,3 +82,11 @@ def sparsify_activation(x: torch.Tensor, n: int = 2, m: int = 4):
     from .activation import sparsify_activation_forward
 
     return sparsify_activation_forward(x, n, m)
+
+
+def sparsify_pack24(x: torch.Tensor):
+    """``(X~, mask, buffer)``: ``x`` made 2:4 along its rows plus cuSPARSELt's packed operand of
+    it; see `kernels.activation.sparsify_pack24_forward`."""
+    from .activation import sparsify_pack24_forward
+
+    return sparsify_pack24_forward(x)

@@ -315,7 +315,11 @@ class SparsityConfig:
         return self.sparse or self.activation_sparsity is not None
 
     def describe(self) -> str:
-        """One line for logs: ``"s-ste 2:4"``, or ``"dense (no sparsity)"`` for the baseline."""
+        """One line for logs: ``"s-ste 2:4"``, ``"dense (no sparsity)"`` for the baseline, and
+        ``"... + 2:4 activations"`` when the target layers' inputs are sparse too."""
+        if self.activation_sparsity is not None:
+            weights = f"{self.method} {self.n}:{self.m}" if self.sparse else "dense weights"
+            return f"{weights}{' transposable' if self.sparse and self.transposable else ''} + {self.activation_sparsity} activations"
         if not self.sparse:
             return f"{self.method} (no sparsity)"
         return f"{self.method} {self.n}:{self.m}" + (" transposable" if self.transposable else "")

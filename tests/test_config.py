@@ -131,6 +131,11 @@ def test_dense_recipe_message_says_no_sparsity():
     line = _swap_line(SparsityConfig(method="dense"), 8)
     assert "no sparsity" in line and "2:4" not in line and "stay dense" in line
     assert _swap_line(SparsityConfig(method="s-ste"), 8) == "SparseTraining: 8 layer(s) -> s-ste 2:4"
+    # Sparse inputs are sparsity too: the line says so instead of "stay dense".
+    assert (_swap_line(SparsityConfig(method="dense", activation_sparsity="2:4"), 2)
+            == "SparseTraining: 2 layer(s) -> dense weights + 2:4 activations")
+    assert (_swap_line(SparsityConfig(method="s-ste", activation_sparsity="2:4"), 4)
+            == "SparseTraining: 4 layer(s) -> s-ste 2:4 + 2:4 activations")
 
 
 def test_export_metadata_records_the_resume_fields():

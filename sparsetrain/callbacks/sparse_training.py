@@ -118,7 +118,7 @@ class SparseTraining(Callback):
 
 def _swap_line(config: SparsityConfig, layers: int) -> str:
     """What setup prints: ``8 layer(s) -> s-ste 2:4``; the dense baseline says that nothing is sparse."""
-    if not config.sparse:
+    if not config.trains_sparse:
         return (f"SparseTraining: {config.describe()}: the {layers} target layer(s) stay dense "
                 f"(a baseline through the same code path)")
     return f"SparseTraining: {layers} layer(s) -> {config.describe()}"

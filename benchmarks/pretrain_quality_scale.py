@@ -474,6 +474,45 @@ def summarise(runs: list[dict], steps: int = STEPS) -> dict:
     return out
 
 
+GOAL_SHARE, GOAL_SEEDS = 0.5, 3  # issue 22: >= half of STE's gap at each of >= 3 seeds, at every size
+
+
+def goal_check(summary: dict) -> dict:
+    """Issue 22's goal for every candidate row (not a family's dense, STE or half-wide reference).
+
+    Per row: at each size, the seeds with a defined share of STE's gap closed and the smallest of
+    them; the share of the means averaged over the sizes that have it (how much the row closes
+    across sizes); and at the largest size in the study, the paired difference to the half-wide
+    dense model. ``met``: every size has >= 3 seeds, each closing >= 50%, and at the largest size the
+    row beats half-wide dense with a 95% interval below zero."""
+    sizes = [s for s in SIZES if s in summary]
+    out = {}
+    for row, spec in ROWS.items():
+        fam = spec["family"]
+        if row in (*REFERENCES[fam], HALF_ROWS[fam]):
+            continue
+        per_size = {}
+        for size in sizes:
+            e = summary[size]["rows"].get(row)
+            if not e or "closed_per_seed" not in e:
+                continue
+            defined = [v for v in e["closed_per_seed"].values() if v is not None]
+            per_size[size] = {"n": len(defined), "closed_min": min(defined) if defined else None,
+                              "closed_of_means": e["closed_of_means"]}
+        if not per_size:
+            continue
+        shares = [v["closed_of_means"] for v in per_size.values() if v["closed_of_means"] is not None]
+        half = summary[sizes[-1]]["rows"].get(row, {}).get("paired_to_half")
+        every_size = all(size in per_size and per_size[size]["n"] >= GOAL_SEEDS
+                         and per_size[size]["closed_min"] >= GOAL_SHARE for size in sizes)
+        beats_half = bool(half) and half["ci95"][1] < 0
+        out[row] = {"per_size": per_size, "mean_share_across_sizes": statistics.fmean(shares) if shares else None,
+                    "largest": sizes[-1], "paired_to_half_at_largest": half,
+                    "every_seed_every_size": every_size, "beats_half_at_largest": beats_half,
+                    "met": every_size and beats_half}
+    return out
+
+
 def markdown(summary: dict) -> str:
     def pct(x):
         return "n/a" if x is None else f"{x:.0%}"
@@ -504,6 +543,22 @@ def markdown(summary: dict) -> str:
             lr = f"{e['lr']:g}" + (" (sweep incomplete)" if e["provisional_lr"] else "")
             lines.append(f"| {row} (n={e['n']}){ref} | {lr} | {e['mean']:.4f} ± {e['std']:.4f} | {gap} | "
                          f"{closed} | {p_s} | {h_s} |")
+        lines.append("")
+    goals = goal_check(summary)
+    if goals:
+        sizes = [s for s in SIZES if s in summary]
+        lines += [f"**Goal** (>= {GOAL_SHARE:.0%} of STE's gap at each of >= {GOAL_SEEDS} seeds at every size; at "
+                  f"{sizes[-1]} better than half-wide dense, 95% interval below 0)", "",
+                  "| row | " + " | ".join(f"{s}: seeds, min closed" for s in sizes)
+                  + " | share of means, averaged over sizes | vs half-wide dense at " + sizes[-1] + " | met |",
+                  "|---|" + "---|" * len(sizes) + "---:|---|---|"]
+        for row, g in goals.items():
+            cells = [f"{g['per_size'][s]['n']}, {pct(g['per_size'][s]['closed_min'])}" if s in g["per_size"] else "-"
+                     for s in sizes]
+            h = g["paired_to_half_at_largest"]
+            half = f"{h['mean']:+.4f} [{h['ci95'][0]:+.4f}, {h['ci95'][1]:+.4f}]" if h else "-"
+            lines.append(f"| {row} | " + " | ".join(cells) + f" | {pct(g['mean_share_across_sizes'])} | {half} | "
+                         f"{'yes' if g['met'] else 'no'} |")
         lines.append("")
     return "\n".join(lines)
 

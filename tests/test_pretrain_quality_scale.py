@@ -126,6 +126,33 @@ def test_summarise_each_row_at_its_own_lr_against_its_family(bench):
     assert "(edge: extend)" not in table and "(sweep incomplete)" not in table
 
 
+def test_goal_check_by_hand(bench):
+    """The goal: >= 50% of STE's gap at each of >= 3 seeds at every size, and at the largest size
+    a paired interval to half-wide dense below zero."""
+    runs = _study(bench)  # 2x64 only: recipe closes 60%, 30%, 38% (min 30%: not met)
+    g = bench.goal_check(bench.summarise(runs))
+    assert set(g) == {"recipe", "relu2-recipe"}  # references and half-wide rows are not candidates
+    r = g["recipe"]
+    assert r["per_size"]["2x64"]["n"] == 3 and r["per_size"]["2x64"]["closed_min"] == pytest.approx(0.3)
+    assert r["every_seed_every_size"] is False and r["met"] is False
+    # A row closing 60%, 70%, 80% at 2x64, with half-wide dense worse by 0.05-0.07 at each seed:
+    s = "2x64"
+    runs += [rec(bench, s, "cast", 8e-3, 1, 1.80 - 0.06), rec(bench, s, "cast", 8e-3, 2, 1.82 - 0.084),
+             rec(bench, s, "cast", 8e-3, 3, 1.76 - 0.064),
+             rec(bench, s, "dense-half-ffn", 4e-3, 2, 1.80), rec(bench, s, "dense-half-ffn", 4e-3, 3, 1.76)]
+    summary = bench.summarise(runs)
+    c = bench.goal_check(summary)["cast"]
+    assert c["per_size"]["2x64"]["closed_min"] == pytest.approx(0.6)
+    # paired to half: (1.74-1.77, 1.736-1.80, 1.696-1.76) = (-0.03, -0.064, -0.064)
+    d = [-0.03, -0.064, -0.064]
+    m = sum(d) / 3
+    half = T975_DF2 * math.sqrt(sum((x - m) ** 2 for x in d) / 2) / math.sqrt(3)
+    assert c["paired_to_half_at_largest"]["ci95"] == [pytest.approx(m - half), pytest.approx(m + half)]
+    assert (m + half < 0) is c["beats_half_at_largest"] is c["met"]
+    assert c["mean_share_across_sizes"] == pytest.approx((5.38 - (5.38 - 0.208)) / (5.38 - 5.10))
+    assert f"| cast | 3, 60% |" in bench.markdown(summary)
+
+
 def test_plot_draws_from_the_summary(bench, tmp_path):
     pytest.importorskip("matplotlib")
     runs = _study(bench)

@@ -420,6 +420,7 @@ def compare(row: dict[int, float], dense: dict[int, float], ste: dict[int, float
     if common:
         m_row, m_dense, m_ste = (statistics.fmean(x[s] for s in common) for x in (row, dense, ste))
         out["closed_of_means"] = (m_ste - m_row) / (m_ste - m_dense) if m_ste > m_dense else None
+        out["ste_gap_of_means"] = m_ste - m_dense
         out["closed_per_seed"] = {s: ((ste[s] - row[s]) / (ste[s] - dense[s]) if ste[s] > dense[s] else None)
                                   for s in common}
         defined = [v for v in out["closed_per_seed"].values() if v is not None]
@@ -565,8 +566,8 @@ def markdown(summary: dict) -> str:
 
 def plot(summary: dict, path: Path) -> None:
     """Left: STE's gap to its dense model (and the half-wide dense model's) against FFN size, mean
-    over seeds with its 95% t-interval. Right: the fraction of STE's gap each row closes, mean of
-    the per-seed fractions with their 95% t-interval."""
+    over seeds with its 95% t-interval. Right: the share of STE's gap each candidate closes
+    (`share_closed`: of the means, with the paired interval), one seed where no bar is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -596,30 +597,31 @@ def plot(summary: dict, path: Path) -> None:
     ax1.set_ylabel("final val loss - dense (same seed), nats/token")
     ax1.set_title("2:4 gap (STE) and half-wide dense gap vs size", fontsize=9)
     for row in ROWS:
-        if row in (*[r for pair in REFERENCES.values() for r in pair],):
+        fam = ROWS[row]["family"]
+        if row in (*REFERENCES[fam], HALF_ROWS[fam]):  # references, and half-wide dense (left panel)
             continue
-        xs, ms, hs = [], [], []
+        xs, ms, los, his = [], [], [], []
         for size in sizes:
-            e = summary[size]["rows"].get(row)
-            per = [v for v in (e or {}).get("closed_per_seed", {}).values() if v is not None]
-            if per:
-                m, h = mean_ci(per)
-                xs.append(summary[size]["ffn_params"]), ms.append(m), hs.append(h or 0.0)
-                ax2.annotate(f"n={len(per)}", (xs[-1], m), textcoords="offset points", xytext=(5, 3), fontsize=6)
+            point = share_closed(summary[size]["rows"].get(row) or {})
+            if point is None:
+                continue
+            m, lo, hi, n = point
+            xs.append(summary[size]["ffn_params"]), ms.append(m), los.append(m - lo), his.append(hi - m)
+            ax2.annotate(f"n={n}", (xs[-1], m), textcoords="offset points", xytext=(5, 3), fontsize=6)
         if xs:
-            ax2.errorbar(xs, ms, yerr=hs, fmt="o-", capsize=3, label=row)
+            ax2.errorbar(xs, ms, yerr=[los, his], fmt="o-" if len(xs) > 1 else "o", capsize=3, label=row)
     ax2.axhline(0, color="k", lw=0.8)
     ax2.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax2.set_xscale("log")
     ax2.set_xlabel("FFN weights (full width)")
-    ax2.set_ylabel("fraction of STE's gap closed (per-seed mean, 95% t-interval)")
+    ax2.set_ylabel("share of STE's gap closed (of the means; paired 95% CI)")
     ax2.set_title("each row at its own lr, vs its family's dense and STE at theirs", fontsize=9)
-    # Half-wide dense sits far below 0 where STE's gap is small (a small denominator): the range
-    # shows the candidates, and the clipped points are named on the panel's floor.
+    # Where STE's gap is small (a small denominator) an interval can reach far: the range shows the
+    # candidates' means, and a clipped range says so on the panel's floor.
     lo, hi = ax2.get_ylim()
-    if lo < -1.5:
-        ax2.set_ylim(-1.5, max(hi, 1.5))
-        ax2.text(0.02, 0.02, "y clipped at -1.5 (see --table)", transform=ax2.transAxes, fontsize=7, color="grey")
+    if lo < -1.0 or hi > 3.0:
+        ax2.set_ylim(max(lo, -1.0), min(hi, 3.0))
+        ax2.text(0.02, 0.02, "y clipped to [-1, 3] (see --table)", transform=ax2.transAxes, fontsize=7, color="grey")
     for ax in (ax1, ax2):
         ax.set_xticks([ffn_params(k) for k in SIZES], [f"{k}\n{ffn_params(k):,}" for k in SIZES], fontsize=7)
         ax.minorticks_off()
@@ -632,6 +634,20 @@ def plot(summary: dict, path: Path) -> None:
                  "is drawn" + (f"; lr sweep incomplete at {', '.join(provisional)}" if provisional else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def share_closed(entry: dict):
+    """``(share, low, high, n)`` of a row's `compare` entry, or None: the share of STE's gap closed of
+    the means, and the paired 95% interval of ``row - STE`` in the same unit (divided by STE's gap
+    of the means, sign flipped); one seed gives ``low == high == share``. A per-seed mean would be
+    dominated by a seed where STE's gap is near zero."""
+    share, gap = entry.get("closed_of_means"), entry.get("ste_gap_of_means")
+    if share is None or not gap:
+        return None
+    paired = entry.get("paired_to_ste")
+    if not paired:
+        return share, share, share, 1
+    return share, -paired["ci95"][1] / gap, -paired["ci95"][0] / gap, paired["n"]
 
 
 def _gaps_per_seed(size_summary: dict, row: str, ref_d: str) -> list[float]:

@@ -162,6 +162,19 @@ def test_plot_draws_from_the_summary(bench, tmp_path):
     # the gaps the left panel draws: STE - dense at each seed at their own lrs
     assert bench._gaps_per_seed(summary["2x64"], "ste", "dense") == [pytest.approx(0.10), pytest.approx(0.10),
                                                                       pytest.approx(0.08)]
+    # the right panel: the recipe's share of the means, with the paired interval in units of STE's gap
+    share, lo, hi, n = bench.share_closed(summary["2x64"]["rows"]["recipe"])
+    gap = 5.38 / 3 - 5.10 / 3  # STE's gap of the means over seeds 1-3
+    d = [1.74 - 1.80, 1.79 - 1.82, 1.73 - 1.76]  # recipe - STE per seed
+    m = sum(d) / 3
+    h = T975_DF2 * math.sqrt(sum((x - m) ** 2 for x in d) / 2) / math.sqrt(3)
+    assert n == 3 and share == pytest.approx(-m / gap)
+    assert (lo, hi) == (pytest.approx(-(m + h) / gap), pytest.approx(-(m - h) / gap))
+    d_share, d_lo, d_hi, _ = bench.share_closed(summary["2x64"]["rows"]["dense"])
+    assert d_share == pytest.approx(1.0) and d_lo < 1.0 < d_hi  # dense closes all of it, give or take the seeds
+    assert bench.share_closed(summary["2x64"]["rows"]["dense-half-ffn"]) is not None  # one seed: a point
+    assert bench.share_closed(summary["2x64"]["rows"]["dense-half-ffn"])[1:] == (
+        bench.share_closed(summary["2x64"]["rows"]["dense-half-ffn"])[0],) * 2 + (1,)
     bench.plot(summary, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
 

@@ -157,7 +157,7 @@ def test_resume_with_another_model_shape_is_one_line(two_runs, tmp_path, capsys,
     (["--sparsity.mvue", "exact"], "sparsity.mvue=None but this run has sparsity.mvue='exact'"),
     (["--sparsity.method", "ste"], "sparsity.method='s-ste' but this run has sparsity.method='ste'"),
     # A schedule field the early check missed before the fields were declared in one place (issue 19).
-    (["--sparsity.dense_warmup", "1"], "sparsity.dense_warmup=None but this run has sparsity.dense_warmup=1"),
+    (["--sparsity.dense_warmup", "1"], "sparsity.dense_warmup=0.1 but this run has sparsity.dense_warmup=1"),
 ])
 def test_resume_with_another_sparsity_config_is_one_line(two_runs, tmp_path, capsys, override, field):
     root, cache, _ = two_runs

@@ -53,3 +53,9 @@ if __name__ == "__main__":
     _, resumed, _, _ = fit(out, ckpt_path=ckpt)
     torch.save({"full": full, "resumed": resumed, "metrics": metrics, "sharded": sharded},
                os.path.join(out, f"rank{rank}.pt"))
+    # Tear the process group down before the interpreter exits: left to interpreter shutdown, gloo's
+    # threads were once destroyed while still joinable ("terminate called without an active
+    # exception", exit -6) on a loaded machine, after the results above had been written.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

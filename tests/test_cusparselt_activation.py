@@ -156,6 +156,22 @@ def test_layout_mismatch_falls_back_to_two_passes(cslt, caplog):
     assert torch.equal(y, y2)
 
 
+def test_layout_check_that_raises_falls_back(cslt, caplog, monkeypatch):
+    """A layout check that cannot run (here the fused pass raises) means two passes, not a crash."""
+    from sparsetrain.ops import cslt_layout
+
+    def broken(x):
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setattr(cslt_layout, "sparsify_pack24", broken)
+    x, w, b = _inputs(16, 128, 32, torch.float16)
+    with caplog.at_level("WARNING"):
+        y = cusparselt_activation.activation_linear(x, w, b)
+    assert any("the check failed: RuntimeError: no kernel image" in r.getMessage() for r in caplog.records)
+    mask = torch.tensor(loop_mask(x.detach().double().tolist(), 2, 4))
+    _close(y, (x.detach().double() * mask) @ w.detach().double().t() + b.detach().double(), torch.float16, 128)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("weight_mask", [None, "nm", "transposable"])
 def test_gpu_products_match_loop_reference(weight_mask):

@@ -484,9 +484,7 @@ def _cpu_emulation():
     try:
         from fake_cusparselt import Patcher, emulate_sm90_on_cpu
 
-        from sparsetrain.backends import cusparselt
-
-        from sparsetrain.backends import cusparselt_activation
+        from sparsetrain.backends import cusparselt, cusparselt_activation
 
         patcher = Patcher()
         saved_algs = dict(cusparselt._ALG_CACHE)
@@ -590,17 +588,6 @@ def _backend_info(layers) -> dict:
             if reason:
                 info["fallback_reason"] = reason
     return info
-
-
-def _activation_compression(env: Env, width: int) -> str:
-    """How a cuSPARSELt layer with 2:4 inputs of ``width`` features compresses them here:
-    ``"fused"`` (one Triton pass into cuSPARSELt's layout) or ``"two-pass"``."""
-    from sparsetrain.backends import cusparselt_activation
-    from sparsetrain.ops import cslt_layout
-
-    key = (str(torch.device(env.device)), env.dtype)
-    fused = width % cslt_layout.PACK_MULTIPLE == 0 and cusparselt_activation._LAYOUT_MATCHES.get(key, False)
-    return "fused" if fused else "two-pass"
 
 
 def ffn_target(row: dict) -> float | None:
@@ -916,7 +903,9 @@ def bench_activations(env: Env, case: tuple, model: dict, batch, steps: int, row
             row["ms"], row["peak_mem_bytes"] = _time_block(env, block, x, gy)
             row["backends"] = [layer.backend_name for layer in layers]
             if "activation_sparsity" in ACT_VARIANTS.get(variant, {}) and "cusparselt" in row["backends"]:
-                row["activation_compression"] = _activation_compression(env, ff)
+                from sparsetrain.backends.cusparselt_activation import compresses_fused
+
+                row["activation_compression"] = "fused" if compresses_fused(ff, env.device, env.dtype) else "two-pass"
         except Exception as err:  # noqa: BLE001 - recorded in the row; the suite goes on
             row["error"] = _error(err)
         if variant == "dense":

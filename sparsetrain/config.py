@@ -317,12 +317,10 @@ class SparsityConfig:
     def describe(self) -> str:
         """One line for logs: ``"s-ste 2:4"``, ``"dense (no sparsity)"`` for the baseline, and
         ``"... + 2:4 activations"`` when the target layers' inputs are sparse too."""
+        weights = f"{self.method} {self.n}:{self.m}" + (" transposable" if self.transposable else "") if self.sparse else None
         if self.activation_sparsity is not None:
-            weights = f"{self.method} {self.n}:{self.m}" if self.sparse else "dense weights"
-            return f"{weights}{' transposable' if self.sparse and self.transposable else ''} + {self.activation_sparsity} activations"
-        if not self.sparse:
-            return f"{self.method} (no sparsity)"
-        return f"{self.method} {self.n}:{self.m}" + (" transposable" if self.transposable else "")
+            return f"{weights or 'dense weights'} + {self.activation_sparsity} activations"
+        return weights or f"{self.method} (no sparsity)"
 
     def replace(self, **changes) -> "SparsityConfig":
         """A copy with some fields changed (validated again)."""

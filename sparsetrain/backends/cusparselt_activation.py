@@ -39,7 +39,8 @@ from ..ops import cslt_layout
 from ..ops.activation import sparsify_activation
 from . import cusparselt as _cs
 
-__all__ = ["activation_linear", "CuSparseLtActivationLinearFunction", "can_use", "packed_layout_matches"]
+__all__ = ["activation_linear", "CuSparseLtActivationLinearFunction", "can_use", "packed_layout_matches",
+           "compresses_fused"]
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,18 @@ def packed_layout_matches(device, dtype) -> bool:
     return _LAYOUT_MATCHES[key]
 
 
+def compresses_fused(width: int, device, dtype) -> bool:
+    """Whether inputs of ``width`` features are masked and compressed in one pass here (else two)."""
+    return width % cslt_layout.PACK_MULTIPLE == 0 and packed_layout_matches(device, dtype)
+
+
 def _mask_and_compress(x2: torch.Tensor):
     """``(X~, mask, X~c)`` of the ``(T, in)`` tokens; ``X~c`` covers ``T`` padded with zero rows.
 
     Zero rows are 2:4 whatever the mask keeps in them, and their products are cut off afterwards.
     """
     t, k = x2.shape
-    if k % cslt_layout.PACK_MULTIPLE == 0 and packed_layout_matches(x2.device, x2.dtype):
+    if compresses_fused(k, x2.device, x2.dtype):
         xt, mask, xc = cslt_layout.sparsify_pack24(_cs._pad_rows(x2, cslt_layout.PACK_MULTIPLE))
         return xt[:t], mask[:t], xc
     xt, mask = sparsify_activation(x2, 2, 4)  # (T, in) each; the Triton kernel on CUDA

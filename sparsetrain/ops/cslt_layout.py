@@ -36,7 +36,7 @@ from typing import Tuple
 
 import torch
 
-from .nm import nm_mask
+from .activation import sparsify_activation
 
 __all__ = ["PACK_MULTIPLE", "packed_numel", "meta_word_positions", "pack24", "unpack24", "sparsify_pack24"]
 
@@ -151,6 +151,5 @@ def sparsify_pack24(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.
     _check_operand(x, "x")
     if kernels.available(x):
         return kernels.sparsify_pack24(x)
-    mask = nm_mask(x, 2, 4)
-    xt = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    xt, mask = sparsify_activation(x, 2, 4)
     return xt, mask, pack24(xt, mask)

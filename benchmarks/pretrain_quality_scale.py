@@ -475,6 +475,12 @@ def summarise(runs: list[dict], steps: int = STEPS) -> dict:
     return out
 
 
+def is_candidate(row: str) -> bool:
+    """A row the study judges: not its family's dense, STE or half-wide dense reference."""
+    fam = ROWS[row]["family"]
+    return row not in (*REFERENCES[fam], HALF_ROWS[fam])
+
+
 GOAL_SHARE, GOAL_SEEDS = 0.5, 3  # issue 22: >= half of STE's gap at each of >= 3 seeds, at every size
 
 
@@ -488,10 +494,7 @@ def goal_check(summary: dict) -> dict:
     row beats half-wide dense with a 95% interval below zero."""
     sizes = [s for s in SIZES if s in summary]
     out = {}
-    for row, spec in ROWS.items():
-        fam = spec["family"]
-        if row in (*REFERENCES[fam], HALF_ROWS[fam]):
-            continue
+    for row in filter(is_candidate, ROWS):
         per_size = {}
         for size in sizes:
             e = summary[size]["rows"].get(row)
@@ -596,10 +599,7 @@ def plot(summary: dict, path: Path) -> None:
     ax1.set_xlabel("FFN weights (full width)")
     ax1.set_ylabel("final val loss - dense (same seed), nats/token")
     ax1.set_title("2:4 gap (STE) and half-wide dense gap vs size", fontsize=9)
-    for row in ROWS:
-        fam = ROWS[row]["family"]
-        if row in (*REFERENCES[fam], HALF_ROWS[fam]):  # references, and half-wide dense (left panel)
-            continue
+    for row in filter(is_candidate, ROWS):  # references and half-wide dense are on the left panel
         xs, ms, los, his = [], [], [], []
         for size in sizes:
             point = share_closed(summary[size]["rows"].get(row) or {})
